@@ -1,0 +1,178 @@
+"""Every network variant by name: create(name, **cfg)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+FREEZE_STAGES = ["none", "conv1", "layer1", "layer2", "layer3", "layer4"]
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def create(name: str, **cfg) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name](**cfg)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register
+def fmnist_cnn(num_classes: int = 3, in_chans: int = 1, dropout: float = 0.5) -> nn.Module:
+    """The Fashion-MNIST report's CNN (28x28 input)."""
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 32, 5, padding=2), nn.ReLU(inplace=True),
+        nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(512, num_classes),
+    )
+
+
+@register
+def mlp(num_classes: int = 3, in_chans: int = 1, image_size: int = 28, hidden: int = 512, dropout: float = 0.2) -> nn.Module:
+    """Permutation-invariant control: two hidden layers on flattened pixels."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_chans * image_size * image_size, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+class FerCNN(nn.Sequential):
+    """The FER report's custom CNN; model1 ends in a softmax that is (wrongly) fed to CrossEntropyLoss."""
+
+    def __init__(self, num_classes: int = 7, in_chans: int = 1, dropout: float = 0.3, variant: str = "model2"):
+        if variant not in ("model1", "model2"):
+            raise ValueError(f"variant must be 'model1' or 'model2', got {variant!r}")
+        layers = [
+            nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(128 * 12 * 12, 128), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        ]
+        if variant == "model1":
+            layers.append(nn.Softmax(dim=-1))
+        super().__init__(*layers)
+        self.outputs_probabilities = variant == "model1"
+
+
+@register
+def fer_cnn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.3, variant: str = "model2") -> nn.Module:
+    return FerCNN(num_classes, in_chans, dropout, variant)
+
+
+def imagenet_state_dict() -> dict:
+    """torchvision's IMAGENET1K_V1 ResNet-18 weights from its cache; offline without the file, a clear error."""
+    from torchvision.models import ResNet18_Weights
+    from torch.hub import get_dir
+
+    weights = ResNet18_Weights.IMAGENET1K_V1
+    cached = Path(get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as e:
+        raise RuntimeError(f"ImageNet weights for ResNet-18 are not available: not in torchvision's cache at "
+                           f"{cached} and the download from {weights.url} failed ({type(e).__name__}: {e}). "
+                           f"Copy the file to that path (or set TORCH_HOME) or use weights=none or weights=PATH") from e
+
+
+def _load_weights(weights: str) -> dict:
+    if weights == "imagenet":
+        return imagenet_state_dict()
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"weights must be 'none', 'imagenet' or a checkpoint file; {weights!r} is none of these")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    # a checkpoint saved by this platform wraps the net as Classifier.net
+    return {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("preprocess.")}
+
+
+@register
+def resnet18(num_classes: int = 7, in_chans: int = 3, weights: str = "none", small_input: bool = False) -> nn.Module:
+    """torchvision's ResNet-18 with a new head; in_chans=1 sums the pretrained conv1 filters over RGB."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    net = tv_resnet18(num_classes=1000)
+    if weights and weights != "none":
+        state = _load_weights(weights)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        if state.get("conv1.weight") is not None and state["conv1.weight"].shape[1] != 3:
+            state["conv1.weight"] = state["conv1.weight"].expand(-1, 3, -1, -1) / 3  # 1-channel checkpoint
+        net.load_state_dict(state, strict=False)
+    if in_chans == 1:
+        w = net.conv1.weight.detach().sum(dim=1, keepdim=True)
+        net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+        net.conv1.weight.data.copy_(w)
+    if small_input:  # CIFAR-style stem for 48 px: 3x3 conv, no max-pool
+        net.conv1 = nn.Conv2d(in_chans, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+def freeze_resnet(net: nn.Module, stage: str) -> None:
+    """Freeze everything up to and including `stage` (weights and BatchNorm statistics); 'none' unfreezes all."""
+    if stage not in FREEZE_STAGES:
+        raise ValueError(f"freeze must be one of {FREEZE_STAGES}, got {stage!r}")
+    order = ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    frozen = set() if stage == "none" else set(order[: order.index(stage) + (2 if stage == "conv1" else 1)])
+    for name, module in net.named_children():
+        trainable = name not in frozen
+        for p in module.parameters():
+            p.requires_grad_(trainable)
+        if not trainable:
+            module.eval()  # BatchNorm running stats stay as they were
+
+
+@register
+def vgg_bn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.4, width: int = 64) -> nn.Module:
+    """VGG-style net with BatchNorm for 48x48 faces (after Khaireddin and Chen 2021)."""
+    def block(c_in, c_out):
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2)]
+    w = width
+    return nn.Sequential(
+        *block(in_chans, w), *block(w, 2 * w), *block(2 * w, 4 * w), *block(4 * w, 8 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, num_classes),
+    )
+
+
+def bundle(classifier: nn.Module, spec: dict, classes: list[str]) -> dict:
+    """Everything needed to rebuild a trained Classifier without training code: net spec, preprocessing, weights."""
+    return {"spec": spec, "preprocess": classifier.preprocess.config(), "classes": list(classes),
+            "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}}
+
+
+def from_bundle(data: dict) -> nn.Module:
+    from .preprocess import Classifier, Preprocess
+
+    spec = dict(data["spec"])
+    name = spec.pop("name")
+    spec.pop("weights", None)  # the trained weights follow; never fetch pretrained ones again
+    classifier = Classifier(Preprocess(**data["preprocess"]), create(name, **spec))
+    classifier.load_state_dict(data["state_dict"])
+    return classifier.eval()

@@ -1,0 +1,81 @@
+"""Everything MLflow: tracking URI, runs that end FAILED on errors, params, datasets, artifacts, models."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from .data import Split
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def init_tracking(experiment: str | None = None) -> str:
+    """Use MLFLOW_TRACKING_URI if set, else the embedded SQLite store; select `experiment`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    if experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    return uri
+
+
+def git_info() -> dict[str, str]:
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else False
+    return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
+
+
+@contextlib.contextmanager
+def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: dict | None = None, nested: bool = False):
+    """An MLflow run that ends FAILED, with the error as a tag, when the body raises (KeyboardInterrupt too)."""
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+    try:
+        yield run
+    except BaseException as e:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def log_split(split: Split, context: str) -> None:
+    """Log a split as an MLflow dataset input whose digest is the content digest of its source."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(split.summary["source"])
+    dataset = MetaDataset(source, name=f"{split.name} ({len(split)} images)", digest=split.digest)
+    mlflow.log_input(dataset, context=context)
+
+
+def log_model(classifier, spec: dict, classes: list[str], example) -> None:
+    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example."""
+    import tempfile
+
+    import torch
+    from mlflow.models import infer_signature
+
+    from . import serving
+    from .models import bundle
+
+    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(bundle(classifier, spec, classes), path)
+        output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
+        mlflow.pyfunc.log_model(
+            name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
+            code_paths=[str(Path(__file__).resolve().parent)], signature=infer_signature(example, output),
+            input_example=example, pip_requirements=serving.pip_requirements())

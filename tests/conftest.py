@@ -1,0 +1,58 @@
+"""Shared fixtures: an isolated tracking store and cache per test, small real data subsets."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FER_DIR = Path(os.environ.get("FER2013_DIR", REPO.parent / "shared" / "data" / "fer2013"))
+FMNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Each test runs in its own folder with its own SQLite tracking store and checkpoint folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    import mlflow
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield tmp_path
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    torch_home = tmp_path_factory.mktemp("torch_home")
+    os.environ["TORCH_HOME"] = str(torch_home)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST not found in {FMNIST_DIR}: run `make data` (apt-get install dataset-fashion-mnist)")
+    return FMNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def fer_subset(tmp_path_factory) -> Path:
+    """A few hundred real FER2013 images in the folder layout: 40 train and 10 test per emotion."""
+    if not (FER_DIR / "train").is_dir():
+        pytest.fail(f"FER2013 not found in {FER_DIR}: set FER2013_DIR")
+    root = tmp_path_factory.mktemp("fer_subset")
+    rng = random.Random(0)
+    for split, n in (("train", 40), ("test", 10)):
+        for emotion_dir in sorted((FER_DIR / split).iterdir()):
+            files = sorted(emotion_dir.iterdir())
+            dest = root / split / emotion_dir.name
+            dest.mkdir(parents=True)
+            for f in rng.sample(files, min(n, len(files))):
+                shutil.copy(f, dest / f.name)
+    return root
