@@ -20,6 +20,7 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it
     import mlflow
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     yield tmp_path
@@ -32,6 +33,52 @@ def session_cache(tmp_path_factory):
     os.environ["CNNLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     torch_home = tmp_path_factory.mktemp("torch_home")
     os.environ["TORCH_HOME"] = str(torch_home)
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """The team stack (PostgreSQL, SeaweedFS S3, mlflow server) on loopback, once per session; removed after."""
+    import tempfile
+
+    from cnnlab.stack import Stack
+
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-stack-"))
+    root.chmod(0o755)  # the PostgreSQL OS user must reach its data (pytest's tmp folders are root-only)
+    stack = Stack(root)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def on_stack(team_stack, isolated, monkeypatch):
+    """This test tracks to the team stack's mlflow server."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow.url)
+    mlflow.set_tracking_uri(team_stack.mlflow.url)
+    return team_stack
+
+
+@pytest.fixture
+def tiny_study(tmp_path, fmnist_dir, team_stack):
+    """A search-space YAML of a few 1-2 epoch Fashion-MNIST trials, stored in the team stack's PostgreSQL."""
+    import yaml
+
+    def write(name: str, n_trials: int, epochs: int = 1) -> dict:
+        from cnnlab import tuning
+
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "experiment": "fmnist_cnn", "n_trials": n_trials, "heartbeat_interval": 5,
+            "fixed": {"data_dir": str(fmnist_dir), "limit": 300, "epochs": epochs, "batch_size": 64},
+            "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "sampler": {"type": "random", "seed": 0}}))
+        return tuning.load_spec(path, storage=team_stack.postgres.url("optuna"))
+    return write
 
 
 @pytest.fixture(scope="session")

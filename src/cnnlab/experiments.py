@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -49,6 +50,7 @@ class Config(TrainConfig):
     on_bad: str = "error"
     test_split: str = "public"
     log_model: bool = True
+    eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
     run_name: str = ""
 
     def validate(self) -> None:
@@ -73,7 +75,8 @@ class Config(TrainConfig):
 
     def digest(self) -> str:
         """Hash of every setting that changes the result (not the run name or where the data lives)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("run_name", "data_dir", "log_model", "device")}
+        skip = ("run_name", "data_dir", "log_model", "eval_test", "device")
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -129,6 +132,7 @@ def model_spec(cfg: Config, num_classes: int, image_size: int) -> dict:
 
 
 def build(cfg: Config, train: Split) -> tuple[Classifier, dict]:
+    torch.manual_seed(cfg.seed)  # initial weights depend on the seed alone
     image_size = cfg.image_size or train.images.shape[-1]
     mean, std = pixel_stats(train.images)
     spec = model_spec(cfg, len(train.classes), image_size)
@@ -170,18 +174,22 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
     """
     tracking.init_tracking(cfg.experiment)
     ckpt_dir = _checkpoint_dir(cfg)
-    previous = ckpt_dir / "run_id"
-    if run_id is None and previous.exists() and not nested:
-        run_id = previous.read_text().strip()
+    previous = None if nested else _interrupted_run(ckpt_dir)
+    run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or f"{cfg.experiment}-{cfg.model}-s{cfg.seed}"
-    with tracking.tracked_run(name, run_id=run_id, nested=nested,
-                              tags={"experiment": cfg.experiment}) as active:
+    with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment}) as active:
         cfg.validate()
+        if nested:  # a trial never resumes another trial's checkpoint
+            ckpt_dir = CHECKPOINT_ROOT / f"run-{active.info.run_id}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        previous.write_text(active.info.run_id)
-        mlflow.log_params(asdict(cfg))
-        splits = load_splits(cfg.dataset, cfg.data_dir or None, cfg.val_fraction, cfg.seed, cfg.limit,
-                             **_data_options(cfg))
+        (ckpt_dir / "run_id").write_text(active.info.run_id)
+        if previous and previous != active.info.run_id:
+            _carry_over(ckpt_dir / "last.pt", previous)
+        # `mlflow run` has already logged its entry-point params as typed on the command line: keep those
+        logged = mlflow.get_run(active.info.run_id).data.params
+        mlflow.log_params({k: v for k, v in asdict(cfg).items() if k not in logged})
+        mlflow.log_dict(asdict(cfg), "config.json")
+        splits = load_data(cfg)
         mlflow.set_tags(_run_tags(cfg, splits))
         for context, split in splits.items():
             tracking.log_split(split, context)
@@ -212,6 +220,35 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         return {"run_id": active.info.run_id, **results}
 
 
+def _interrupted_run(ckpt_dir: Path) -> str | None:
+    """The run that an interrupted training of this config belongs to; a stale checkpoint is dropped."""
+    path = ckpt_dir / "run_id"
+    if not path.exists():
+        return None
+    run_id = path.read_text().strip()
+    try:
+        if mlflow.get_run(run_id).info.status != "FINISHED":
+            return run_id
+    except mlflow.exceptions.MlflowException:
+        pass  # the run is gone (another tracking store): its checkpoint cannot be attributed
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return None
+
+
+def _carry_over(checkpoint: Path, previous_run: str) -> None:
+    """Resuming another run's checkpoint (under `mlflow run`): copy its epochs' metrics so this run is complete."""
+    if not checkpoint.exists():
+        return
+    for epoch, metrics in enumerate(torch.load(checkpoint, weights_only=False)["history"]):
+        mlflow.log_metrics(metrics, step=epoch + 1)
+    mlflow.set_tag("resumed_from_run", previous_run)
+
+
+def load_data(cfg: Config) -> dict[str, Split]:
+    """The config's train / val / test splits; decoding is cached, so a second call is cheap."""
+    return load_splits(cfg.dataset, cfg.data_dir or None, cfg.val_fraction, cfg.seed, cfg.limit, **_data_options(cfg))
+
+
 def _data_options(cfg: Config) -> dict:
     if cfg.dataset == "fmnist":
         return {"classes": cfg.classes, "permute": cfg.permute, "permute_seed": cfg.permute_seed}
@@ -223,13 +260,13 @@ def _final_evaluation(model: Classifier, cfg: Config, splits: dict[str, Split], 
     with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
         out = Path(tmp)
         results = {}
-        for prefix in ("val", "test"):
+        for prefix in ("val", "test") if cfg.eval_test else ("val",):
             results.update(evaluate_split(model, splits[prefix], cfg, out, prefix))
             if tta is not None:
                 results.update(evaluate_split(model, splits[prefix], cfg, out, f"{prefix}_tta", tta))
         plot_curves(history, out / "curves.png")
         results["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
         results["train_seconds"] = sum(h["epoch_seconds"] for h in history)
-        mlflow.log_metrics(results)
+        mlflow.log_metrics({k: v for k, v in results.items() if k not in history[-1]}, step=len(history))
         mlflow.log_artifacts(str(out), "evaluation")
     return results

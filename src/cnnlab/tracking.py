@@ -35,17 +35,35 @@ def git_info() -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
 
 
+def error_text(e: BaseException) -> str:
+    """`Type: message` for the run's error tag; a failed upload through the tracking server names the store behind it."""
+    text = f"{type(e).__name__}: {e}"
+    if "/mlflow-artifacts/artifacts/" in text:  # the server's artifact proxy answered 500: its S3 store failed
+        e.add_note(f"The MLflow server {mlflow.get_tracking_uri()} could not store the artifact in its artifact store "
+                   f"(S3 down, unreachable or refusing): see `cnnlab stack status` and the server's log")
+        text = f"{e.__notes__[-1]}. {text}"
+    return text[:5000]
+
+
 @contextlib.contextmanager
 def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: dict | None = None, nested: bool = False):
-    """An MLflow run that ends FAILED, with the error as a tag, when the body raises (KeyboardInterrupt too)."""
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID") or None
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+    """An MLflow run that ends FAILED, with the error as a tag, when the body raises (KeyboardInterrupt too).
+
+    An exception may carry `run_status` and `run_tags` to end otherwise (a pruned Optuna trial: KILLED, pruned=true).
+    """
+    run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    hidden = os.environ.pop("MLFLOW_RUN_ID", None) if nested else None  # start_run would resume it, not nest
+    try:
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+    finally:
+        if hidden:
+            os.environ["MLFLOW_RUN_ID"] = hidden
     try:
         yield run
     except BaseException as e:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-        mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            mlflow.set_tags(getattr(e, "run_tags", None) or {"error": error_text(e)})
+        mlflow.end_run(getattr(e, "run_status", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"))
         raise
     else:
         mlflow.end_run("FINISHED")
@@ -62,20 +80,23 @@ def log_split(split: Split, context: str) -> None:
 
 
 def log_model(classifier, spec: dict, classes: list[str], example) -> None:
-    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example."""
+    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example.
+
+    `example` is uint8 (N, H, W) pixels; the logged example is the same images as base64 PNGs (the REST form).
+    """
     import tempfile
 
     import torch
-    from mlflow.models import infer_signature
 
     from . import serving
     from .models import bundle
 
+    example = serving.encode_images(example)
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         path = Path(tmp) / "model.pt"
         torch.save(bundle(classifier, spec, classes), path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
         mlflow.pyfunc.log_model(
             name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
-            code_paths=[str(Path(__file__).resolve().parent)], signature=infer_signature(example, output),
+            code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements())
