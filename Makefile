@@ -30,5 +30,20 @@ test: setup data
 test-fast: setup data
 	$(BIN)/python -m pytest -m "not slow and not services"
 
+# The team stack on loopback (PostgreSQL, SeaweedFS S3, mlflow server): data in .cnnlab/stack, survives down/up.
+.PHONY: postgres stack-up stack-down stack-status
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; }
+
+stack-up: setup postgres
+	$(BIN)/cnnlab stack up
+
+stack-down:
+	$(BIN)/cnnlab stack down
+
+stack-status:
+	$(BIN)/cnnlab stack status
+
 clean:
 	rm -rf .cnnlab mlflow.db mlartifacts reports

@@ -151,7 +151,7 @@ def _decode_all(source: Path, on_bad: str) -> tuple[str, dict]:
         decoded = {s: _to_tensors(*_decode_folder(files[s], contents[s], on_bad, summary)) for s in files}
     result = {"splits": decoded, "summary": {"skipped": len(summary.get("skipped", [])),
                                              "skipped_examples": summary.get("skipped", [])[:20]}}
-    tmp = cached.with_suffix(".tmp")
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     torch.save(result, tmp)
     os.replace(tmp, cached)  # never leave a half-written cache that looks complete
     return digest, result

@@ -1,0 +1,84 @@
+"""Best run -> a new version of the experiment's registered model; `champion` moves only on improvement."""
+from __future__ import annotations
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from . import tracking
+
+METRIC = "val_accuracy"
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+def candidate_filter(study: str | None) -> str:
+    """FINISHED runs with the metric; for a study only its final run (tags set by tuning)."""
+    where = f"attributes.status = 'FINISHED' and metrics.{METRIC} >= 0"
+    return where + (f" and tags.study = '{study}' and tags.final = 'true'" if study else "")
+
+
+def best_run(experiment: str | None = None, study: str | None = None):
+    """The FINISHED run with the highest validation accuracy that has a logged model, and that model."""
+    if not experiment and not study:
+        raise ValueError("give an experiment, a study, or both")
+    if experiment and mlflow.get_experiment_by_name(experiment) is None:
+        raise ValueError(f"no MLflow experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
+    runs = mlflow.search_runs(experiment_names=[experiment] if experiment else None,
+                              search_all_experiments=not experiment, filter_string=candidate_filter(study),
+                              order_by=[f"metrics.{METRIC} DESC", "attributes.start_time ASC"], output_format="list")
+    for run in runs:
+        logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                             filter_string=f"source_run_id = '{run.info.run_id}'")
+        if logged:
+            return run, logged[0]
+    what = " and ".join(f"{k} {v!r}" for k, v in (("experiment", experiment), ("study", study)) if v)
+    raise ValueError(f"no FINISHED run with {METRIC} and a logged model for {what} in {mlflow.get_tracking_uri()}")
+
+
+def version_tags(run) -> dict[str, str]:
+    """Test metrics, validation accuracy, dataset digest, source run and git commit of the run."""
+    tags = {k: str(v) for k, v in run.data.metrics.items() if k.startswith("test_")}
+    keep = ("experiment", "model", "dataset", "dataset_digest", "config_digest", "git_commit", "git_dirty", "study")
+    tags.update({k: run.data.tags[k] for k in keep if k in run.data.tags})
+    return {**tags, METRIC: str(run.data.metrics[METRIC]), "source_run": run.info.run_id}
+
+
+def champion(client: MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def choose_alias(tags: dict[str, str], current) -> tuple[str, str]:
+    """`champion` only when it beats the current champion on the same dataset digest; else `challenger`."""
+    if current is None:
+        return CHAMPION, "no champion yet"
+    ours, theirs = float(tags[METRIC]), float(current.tags.get(METRIC, "nan"))
+    if current.tags.get("dataset_digest") != tags.get("dataset_digest"):
+        return CHALLENGER, (f"champion v{current.version} was trained on dataset {current.tags.get('dataset_digest')}, "
+                            f"this run on {tags.get('dataset_digest')}: not comparable")
+    if ours > theirs:
+        return CHAMPION, f"{METRIC} {ours:.4f} beats champion v{current.version} ({theirs:.4f})"
+    return CHALLENGER, f"{METRIC} {ours:.4f} does not beat champion v{current.version} ({theirs:.4f})"
+
+
+def register(experiment: str | None = None, study: str | None = None, name: str | None = None) -> dict:
+    """Register the best run as a new version of `name` (default: the run's experiment tag) and set its alias."""
+    tracking.init_tracking()
+    run, logged = best_run(experiment, study)
+    name = name or run.data.tags.get("experiment") or experiment
+    client = MlflowClient()
+    summary = {"name": name, "run_id": run.info.run_id, METRIC: run.data.metrics[METRIC]}
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run.info.run_id}'")
+    if existing:
+        v = client.get_model_version(name, existing[0].version)  # search results carry no aliases
+        aliases = ",".join(v.aliases) or "none"
+        return {**summary, "version": v.version, "alias": aliases, "registered": False,
+                "reason": f"run {run.info.run_id} is already registered as {name} v{v.version} (aliases: {aliases})"}
+    tags = version_tags(run)
+    alias, reason = choose_alias(tags, champion(client, name))
+    version = mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return {**summary, "version": version.version, "alias": alias, "registered": True, "reason": reason,
+            "uri": f"models:/{name}@{alias}"}

@@ -1,0 +1,439 @@
+"""Optuna studies from tuning/*.yaml: RDB storage shared by workers, one MLflow parent run per study, one nested
+run per trial, and a final retrain of the best configuration evaluated once on test."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+
+import mlflow
+import optuna
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
+
+from . import experiments, tracking
+from .config import Config, coerce, make_config
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_epochs", "heartbeat_interval", "fixed",
+             "space", "sampler", "pruner"}
+RANGE_KEYS = {"low", "high", "log", "step"}
+PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": {"choices"}}
+SAMPLERS = {"grid": optuna.samplers.GridSampler, "tpe": optuna.samplers.TPESampler,
+            "random": optuna.samplers.RandomSampler}
+PRUNERS = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+           "hyperband": optuna.pruners.HyperbandPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
+CATCH = (FloatingPointError, torch.OutOfMemoryError)  # a diverging or too-big configuration fails its trial only
+PLOTS = {"optimization_history": optuna.visualization.plot_optimization_history,
+         "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
+         "param_importances": optuna.visualization.plot_param_importances,
+         "intermediate_values": optuna.visualization.plot_intermediate_values}
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class Pruned(optuna.TrialPruned):
+    """Optuna's pruned signal that also ends the trial's MLflow run KILLED and tagged pruned (see tracked_run)."""
+    run_status = "KILLED"
+
+    @property
+    def run_tags(self) -> dict:
+        return {"pruned": "true", "pruned_reason": str(self)}
+
+
+# --- the study definition --------------------------------------------------------------------------------------
+
+def load_spec(path: str | Path, params: dict | None = None, storage: str | None = None,
+              study_name: str | None = None, n_trials: int | None = None) -> dict:
+    """Read and check a search-space YAML; `params` override its fixed parameters, the rest its settings."""
+    path = Path(path)
+    if not path.is_file():
+        shipped = sorted(p.name for p in Path("tuning").glob("*.yaml"))
+        raise FileNotFoundError(f"search space {path} not found" + (f"; in tuning/: {shipped}" if shipped else ""))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or "experiment" not in raw or "space" not in raw:
+        raise ValueError(f"{path}: needs a mapping with at least `experiment` and `space`")
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
+    spec = {"study_name": path.stem, "storage": DEFAULT_STORAGE, "n_trials": 20, "budget_epochs": 0,
+            "heartbeat_interval": 60, "fixed": {}, "sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "none"},
+            **raw, "source": str(path)}
+    spec.update({k: v for k, v in (("storage", storage), ("study_name", study_name), ("n_trials", n_trials)) if v})
+    spec["fixed"] = {k: _value(f"{path}: fixed.{k}", k, v) for k, v in (spec["fixed"] or {}).items()}
+    spec["space"] = {k: _param(f"{path}: space.{k}", k, v) for k, v in (spec["space"] or {}).items()}
+    searched = sorted(set(params or {}) & set(spec["space"]))
+    if searched:
+        raise ValueError(f"{path}: {searched} searched in the space; remove from `space` to fix a value")
+    spec["fixed"].update(params or {})
+    for key, least in (("n_trials", 1), ("budget_epochs", 0), ("heartbeat_interval", 1)):
+        if not isinstance(spec[key], int) or spec[key] < least:
+            raise ValueError(f"{path}: {key} must be an integer >= {least}, got {spec[key]!r}")
+    _check_strategy(spec, path)
+    first = {k: p["choices"][0] if p["type"] == "categorical" else p["low"] for k, p in spec["space"].items()}
+    try:
+        make_config(spec["experiment"], **spec["fixed"], **first).validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return spec
+
+
+def _field_types() -> dict[str, str]:
+    return {f.name: f.type for f in fields(Config)}
+
+
+def _value(where: str, name: str, value):
+    """A YAML value as the Config field's type (YAML reads 1e-3 as text; coerce handles that and names the field)."""
+    try:
+        return coerce(name, str(value))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _param(where: str, name: str, p) -> dict:
+    if not isinstance(p, dict) or p.get("type") not in PARAM_KEYS:
+        raise ValueError(f"{where}: needs `type` one of {sorted(PARAM_KEYS)}, got {p!r}")
+    extra = sorted(set(p) - PARAM_KEYS[p["type"]] - {"type"})
+    if extra:
+        raise ValueError(f"{where}: unknown key(s) {extra} for type {p['type']}")
+    if p["type"] == "categorical":
+        if not isinstance(p.get("choices"), list) or not p["choices"]:
+            raise ValueError(f"{where}: `choices` must be a non-empty list")
+        return {"type": "categorical", "choices": [_value(where, name, c) for c in p["choices"]]}
+    kind = _field_types().get(name)
+    if kind != p["type"]:
+        raise ValueError(f"{where}: type {p['type']} but {name} is {'an unknown parameter' if kind is None else kind}")
+    if "low" not in p or "high" not in p:
+        raise ValueError(f"{where}: needs `low` and `high`")
+    out = {"type": kind, "low": _value(where, name, p["low"]), "high": _value(where, name, p["high"]),
+           "log": bool(p.get("log", False)), "step": _value(where, name, p["step"]) if "step" in p else None}
+    if not out["low"] < out["high"] or (out["log"] and out["low"] <= 0):
+        raise ValueError(f"{where}: needs low < high (and low > 0 with log), got {out['low']}..{out['high']}")
+    return out
+
+
+def _check_strategy(spec: dict, path: Path) -> None:
+    for key, known in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
+        if not isinstance(spec[key], dict) or spec[key].get("type") not in known:
+            raise ValueError(f"{path}: {key} needs `type` one of {sorted(known)}, got {spec[key]!r}")
+    if spec["sampler"]["type"] == "grid":
+        continuous = sorted(k for k, p in spec["space"].items() if p["type"] != "categorical")
+        if continuous:
+            raise ValueError(f"{path}: the grid sampler needs categorical parameters; {continuous} are not")
+        spec["n_trials"] = min(spec["n_trials"], math.prod(len(p["choices"]) for p in spec["space"].values()))
+    for key, make in (("sampler", make_sampler), ("pruner", make_pruner)):
+        try:
+            make(spec)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {key}: {e}") from None
+
+
+def make_sampler(spec: dict, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The YAML's sampler; `offset` shifts the seed so parallel or resumed workers do not replay the same draws."""
+    opts = {k: v for k, v in spec["sampler"].items() if k != "type"}
+    opts["seed"] = opts.get("seed", 0) + offset
+    kind = spec["sampler"]["type"]
+    if kind == "grid":
+        return optuna.samplers.GridSampler({k: p["choices"] for k, p in spec["space"].items()}, **opts)
+    if kind == "tpe":
+        opts.setdefault("constant_liar", True)  # parallel workers avoid proposing what another is running
+    return SAMPLERS[kind](**opts)
+
+
+def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
+    opts = {k: v for k, v in spec["pruner"].items() if k != "type"}
+    return PRUNERS[spec["pruner"]["type"]](**opts)
+
+
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    out = {}
+    for name, p in space.items():
+        if p["type"] == "categorical":
+            out[name] = trial.suggest_categorical(name, p["choices"])
+        elif p["type"] == "float":
+            out[name] = trial.suggest_float(name, p["low"], p["high"], log=p["log"], step=p["step"])
+        else:
+            out[name] = trial.suggest_int(name, p["low"], p["high"], log=p["log"], step=p["step"] or 1)
+    return out
+
+
+def definition(spec: dict) -> dict:
+    """What makes two invocations the same study: resuming with other settings would mix incomparable trials."""
+    digest = make_config(spec["experiment"], **spec["fixed"]).digest()
+    return json.loads(json.dumps({"experiment": spec["experiment"], "config_digest": digest, "space": spec["space"],
+                                  "sampler": spec["sampler"]["type"]}))
+
+
+# --- storage and the study ---------------------------------------------------------------------------------------
+
+def redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_storage(spec: dict) -> optuna.storages.RDBStorage:
+    """The RDB storage with a heartbeat: a trial whose worker died is failed after two missed beats, then retried."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return optuna.storages.RDBStorage(spec["storage"], heartbeat_interval=spec["heartbeat_interval"],
+                                          heartbeat_stale_trial_callback=_stale_trial)
+    except SQLAlchemyError as e:
+        raise RuntimeError(f"cannot open the Optuna storage {redact(spec['storage'])}: {getattr(e, 'orig', e)}") from e
+
+
+def _stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker died: its MLflow run ends FAILED, and its parameters are queued once more."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id:
+        client = MlflowClient()
+        client.set_tag(run_id, "error", "worker died: no Optuna heartbeat; the trial is FAILED and retried")
+        client.set_terminated(run_id, "FAILED")
+        _drop_checkpoints(run_id)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
+def _drop_checkpoints(run_id: str) -> None:
+    """A trial's checkpoints are never resumed (a retried trial is a new trial with a new run)."""
+    shutil.rmtree(experiments.CHECKPOINT_ROOT / f"run-{run_id}", ignore_errors=True)
+
+
+def open_study(spec: dict, storage: optuna.storages.RDBStorage) -> optuna.Study:
+    """Create the study once (or load it), and refuse to resume it with a different definition."""
+    study = optuna.create_study(storage=storage, study_name=spec["study_name"], direction="maximize",
+                                load_if_exists=True)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ValueError(f"study {spec['study_name']} in {redact(spec['storage'])} minimizes; cnnlab maximizes "
+                         f"val_accuracy: use another --study-name")
+    mine, stored = definition(spec), study.user_attrs.get("definition")
+    if stored is None:
+        study.set_user_attr("definition", mine)
+    elif stored != mine:
+        differs = sorted(k for k in mine if mine[k] != stored.get(k))
+        raise ValueError(f"study {spec['study_name']} in {redact(spec['storage'])} was created with other settings "
+                         f"({differs} differ): use another --study-name, or the same YAML and -P values")
+    return study
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: finished or running, except dead ones whose retry replaces them."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    return sum(t.state != TrialState.WAITING and t.number not in replaced for t in trials)
+
+
+def epochs_spent(study: optuna.Study) -> int:
+    """Training epochs of all trials so far (each reports once per epoch)."""
+    return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
+
+
+def finished(study: optuna.Study, spec: dict) -> bool:
+    """The study has its n_trials, or has spent its epoch budget."""
+    budget = spec["budget_epochs"]
+    return counted(study) >= spec["n_trials"] or bool(budget and epochs_spent(study) >= budget)
+
+
+# --- the search ----------------------------------------------------------------------------------------------------
+
+def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
+    """One trial = one nested MLflow run of the experiment; reports val_accuracy per epoch; may be pruned."""
+    params = {**spec["fixed"], **suggest(trial, spec["space"])}
+    cfg = make_config(spec["experiment"], **params, log_model=False, eval_test=False,
+                      run_name=f"{spec['study_name']}-trial-{trial.number}")
+    run_id = child_run(spec, parent_id, cfg.run_name, trial_number=str(trial.number),
+                       worker=f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("mlflow_run_id", run_id)
+    budget, epochs = spec["budget_epochs"], cfg.total_epochs()
+
+    def report(epoch: int, metrics: dict) -> None:
+        trial.report(metrics["val_accuracy"], epoch + 1)
+        if trial.should_prune():
+            raise Pruned(f"trial {trial.number} pruned at epoch {epoch + 1}: val_accuracy "
+                         f"{metrics['val_accuracy']:.4f} is below the pruner's bar")
+        if budget and epoch + 1 < epochs and epochs_spent(trial.study) >= budget:
+            raise Pruned(f"trial {trial.number} stopped at epoch {epoch + 1}: "
+                         f"the study's {budget}-epoch budget is spent")
+    try:
+        return experiments.run(cfg, on_epoch_end=report, nested=True, run_id=run_id)["val_accuracy"]
+    finally:
+        _drop_checkpoints(run_id)
+
+
+def child_run(spec: dict, parent_id: str, name: str, **tags) -> str:
+    """A run nested under the study's parent, made explicitly so workers in other processes can add theirs."""
+    experiment_id = mlflow.set_experiment(spec["experiment"]).experiment_id
+    tags = {MLFLOW_PARENT_RUN_ID: parent_id, "study": spec["study_name"], **tags}
+    return MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def optimize(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, n_trials: int, index: int = 0) -> None:
+    """One worker: run up to n_trials trials, stopping early once the study has its n_trials or epoch budget."""
+    study = optuna.load_study(study_name=spec["study_name"], storage=storage, pruner=make_pruner(spec))
+    study.sampler = make_sampler(spec, offset=1000 * index + len(study.get_trials(deepcopy=False)))
+
+    def enough(study: optuna.Study, _trial) -> None:
+        if finished(study, spec):
+            study.stop()
+    study.optimize(lambda trial: objective(trial, spec, parent_id), n_trials=n_trials, catch=CATCH,
+                   callbacks=[enough], gc_after_trial=True)
+
+
+def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int) -> None:
+    """A worker process: its own storage connections and a share of the CPU threads."""
+    torch.set_num_threads(threads)
+    tracking.init_tracking(spec["experiment"])
+    storage = make_storage(spec)
+    try:
+        optimize(storage, spec, parent_id, n_trials, index)
+    finally:
+        storage.engine.dispose()
+
+
+def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, workers: int) -> None:
+    """Run the trials still missing from the study, in this process or split across `workers` processes."""
+    study = optuna.load_study(study_name=spec["study_name"], storage=storage)
+    if finished(study, spec):
+        return
+    todo = spec["n_trials"] - counted(study)
+    if workers == 1:
+        optimize(storage, spec, parent_id, todo)
+        return
+    threads = max(1, torch.get_num_threads() // workers)
+    shares = [todo // workers + (i < todo % workers) for i in range(workers)]
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads), name=f"tune-worker-{i}")
+             for i, n in enumerate(shares) if n]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [f"{p.name}: exit code {p.exitcode}" for p in procs if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(procs)} workers failed ({', '.join(failed)}); "
+                           f"run the same command again to resume the study")
+
+
+# --- after the search -------------------------------------------------------------------------------------------
+
+def log_study(study: optuna.Study) -> dict:
+    """Log the study into the active (parent) run: counts, best params and value, trials CSV, Optuna's plots."""
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    summary = {"n_trials": len(trials), "n_complete": states["COMPLETE"], "n_pruned": states["PRUNED"],
+               "n_failed": states["FAIL"], "epochs_spent": epochs_spent(study)}
+    mlflow.log_metrics(summary)
+    if states["COMPLETE"]:
+        best = study.best_trial
+        summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+        mlflow.log_metric("best_val_accuracy", best.value)
+        # tags, not params: a resumed study may find a new best, and MLflow params never change
+        mlflow.set_tags({"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+    with tempfile.TemporaryDirectory(prefix="cnnlab-study-") as tmp:
+        out = Path(tmp)
+        study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        skipped = _plots(study, states["COMPLETE"], out / "plots")
+        if skipped:
+            (out / "plots" / "skipped.json").write_text(json.dumps(skipped, indent=2))
+        mlflow.log_artifacts(str(out), "study")
+    return summary
+
+
+def _plots(study: optuna.Study, n_complete: int, out: Path) -> dict[str, str]:
+    """Optuna's plots as HTML (plotly.js from its CDN keeps each file small); returns the skipped ones and why."""
+    out.mkdir(parents=True)
+    skipped = {}
+    for name, plot in PLOTS.items():
+        if name == "param_importances" and n_complete < 2:
+            skipped[name] = f"needs at least 2 complete trials, the study has {n_complete}"
+            continue
+        try:
+            plot(study).write_html(out / f"{name}.html", include_plotlyjs="cdn")
+        except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn must not fail the study
+            skipped[name] = f"{type(e).__name__}: {e}"
+    for name, why in skipped.items():
+        print(f"cnnlab tune: skipped plot {name}: {why}", file=sys.stderr)
+    return skipped
+
+
+def retrain_best(study: optuna.Study, spec: dict, parent_id: str) -> dict:
+    """Train the best configuration again, with the model logged and test evaluated once: the study's final run."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        states = dict(Counter(t.state.name for t in study.get_trials(deepcopy=False)))
+        raise RuntimeError(f"study {spec['study_name']} has no complete trial to retrain ({states}); "
+                           f"see the trial runs' error and pruned_reason tags")
+    best = study.best_trial
+    done = study.user_attrs.get("final_run", {})
+    if done.get("best_trial") == best.number and _run_status(done["run_id"]) == "FINISHED":
+        metrics = MlflowClient().get_run(done["run_id"]).data.metrics
+        return {"run_id": done["run_id"], "reused": True,
+                **{k: metrics.get(k) for k in ("val_accuracy", "test_accuracy")}}
+    cfg = make_config(spec["experiment"], **spec["fixed"], **best.params, run_name=f"{spec['study_name']}-final")
+    run_id = child_run(spec, parent_id, cfg.run_name, final="true", best_trial=str(best.number))
+    result = experiments.run(cfg, nested=True, run_id=run_id)
+    _drop_checkpoints(run_id)
+    study.set_user_attr("final_run", {"run_id": run_id, "best_trial": best.number})
+    mlflow.set_tag("final_run_id", run_id)
+    return {"run_id": run_id, "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"]}
+
+
+def _run_status(run_id: str | None) -> str | None:
+    """The run's status, or None when it is not in this tracking store (or deleted)."""
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run.info.status
+
+
+def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
+    """Run (or resume) the study of `spec` under one MLflow parent run; returns the summary."""
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if workers > 1 and spec["storage"].startswith("sqlite"):
+        raise ValueError(f"--workers {workers} needs PostgreSQL: SQLite is not safe for parallel writers; use "
+                         f"--storage postgresql://USER@HOST/DB (e.g. the optuna_storage URL `cnnlab stack up` prints)")
+    if workers > 1 and tracking.init_tracking().startswith("sqlite"):
+        print(f"cnnlab tune: warning: {workers} workers write MLflow runs into one SQLite file; under load it may "
+              f"answer 'database is locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", file=sys.stderr)
+    tracking.init_tracking(spec["experiment"])
+    storage = make_storage(spec)
+    try:
+        study = open_study(spec, storage)
+        optuna.storages.fail_stale_trials(study)  # before counting: dead workers' trials become FAILED and retried
+        stored = study.user_attrs.get("mlflow_run_id")
+        parent_id = os.environ.get("MLFLOW_RUN_ID") or (stored if _run_status(stored) else None)
+        tags = {"study": spec["study_name"], "experiment": spec["experiment"], "tuning": "study"}
+        with tracking.tracked_run(spec["study_name"], run_id=parent_id, tags=tags) as parent:
+            parent_id = parent.info.run_id
+            study.set_user_attr("mlflow_run_id", parent_id)
+            mlflow.set_tags({"storage": redact(spec["storage"]), "sampler": spec["sampler"]["type"],
+                             "pruner": spec["pruner"]["type"], "space_file": spec["source"]})
+            mlflow.log_dict({**spec, "storage": redact(spec["storage"])}, "study/spec.json")
+            search(storage, spec, parent_id, workers)
+            summary = {"study": spec["study_name"], "storage": redact(spec["storage"]), "parent_run_id": parent_id,
+                       **log_study(study)}
+            if final:
+                summary["final"] = retrain_best(study, spec, parent_id)
+        return summary
+    finally:
+        storage.remove_session()
+        storage.engine.dispose()

@@ -1,0 +1,99 @@
+"""Registry: best FINISHED run -> new version; champion moves only on improvement on the same data digest."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from cnnlab import cli, models, registry, tracking
+from cnnlab.preprocess import Classifier, Preprocess
+
+SPEC = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
+
+
+def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", status: str = "FINISHED",
+               model: bool = True, **tags) -> str:
+    """A run as experiments.run leaves it: metrics, tags and a real cnnlab pyfunc model (a tiny untrained MLP)."""
+    tracking.init_tracking(experiment)
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"experiment": experiment, "dataset_digest": digest, "git_commit": "c0ffee", **tags})
+        mlflow.log_metrics({"val_accuracy": val, "test_accuracy": val - 0.01, "test_macro_f1": val - 0.02})
+        if model:
+            net = Classifier(Preprocess(0.3, 0.3, 28), models.create(**SPEC))
+            tracking.log_model(net, SPEC, ["a", "b", "c"], np.zeros((2, 28, 28), np.uint8))
+        if status != "FINISHED":
+            mlflow.end_run(status)
+    return run.info.run_id
+
+
+def aliases(name: str) -> dict[str, str]:
+    """alias -> source run of the version it points at."""
+    model = MlflowClient().get_registered_model(name)
+    return {a: MlflowClient().get_model_version(name, v).tags["source_run"] for a, v in model.aliases.items()}
+
+
+def test_champion_moves_only_on_improvement():
+    first = logged_run(0.60)
+    result = registry.register("fmnist_cnn")
+    assert (result["alias"], result["version"], result["registered"]) == ("champion", 1, True)
+    version = MlflowClient().get_model_version("fmnist_cnn", "1")
+    assert version.tags["source_run"] == first and version.tags["dataset_digest"] == "d1"
+    assert version.tags["git_commit"] == "c0ffee" and float(version.tags["test_accuracy"]) == pytest.approx(0.59)
+    assert float(version.tags["val_accuracy"]) == pytest.approx(0.60) and "test_macro_f1" in version.tags
+
+    registry.register("fmnist_cnn")  # the same best run again: no new version
+    assert len(MlflowClient().search_model_versions("name = 'fmnist_cnn'")) == 1
+
+    worse = logged_run(0.70, status="FAILED")  # a failed run never counts, however good
+    assert registry.register("fmnist_cnn")["registered"] is False
+    assert worse not in aliases("fmnist_cnn").values()
+
+    better = logged_run(0.65)
+    result = registry.register("fmnist_cnn")
+    assert (result["alias"], result["version"]) == ("champion", 2)
+    assert aliases("fmnist_cnn") == {"champion": better}
+
+    other_data = logged_run(0.90, digest="d2")  # better, but on other data: not comparable
+    result = registry.register("fmnist_cnn")
+    assert result["alias"] == "challenger" and "not comparable" in result["reason"]
+    assert aliases("fmnist_cnn") == {"champion": better, "challenger": other_data}
+
+
+def test_tie_is_not_an_improvement_and_rerun_says_so():
+    logged_run(0.5)
+    registry.register("fmnist_cnn")
+    tie = logged_run(0.5)
+    MlflowClient().delete_run(registry.best_run("fmnist_cnn")[0].info.run_id)  # leave the tie as the best run
+    result = registry.register("fmnist_cnn")
+    assert result["run_id"] == tie and result["alias"] == "challenger" and "does not beat" in result["reason"]
+    again = registry.register("fmnist_cnn")
+    assert again["registered"] is False and "already registered as fmnist_cnn v2" in again["reason"]
+
+
+def test_study_final_run_wins_over_better_trials():
+    logged_run(0.9, study="s1")  # a trial: better, but not the study's final run
+    final = logged_run(0.7, study="s1", final="true")
+    logged_run(0.99, study="s2", final="true")
+    result = registry.register(study="s1")
+    assert result["run_id"] == final and result["name"] == "fmnist_cnn" and result["alias"] == "champion"
+
+
+def test_no_candidate_is_a_clear_error():
+    logged_run(0.8, model=False)
+    with pytest.raises(ValueError, match="no FINISHED run with val_accuracy and a logged model for experiment 'fmnist"):
+        registry.register("fmnist_cnn")
+    with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
+        registry.register("nope")
+
+
+def test_cli_register(capsys):
+    run = logged_run(0.4)
+    assert cli.main(["register", "fmnist_cnn", "--name", "custom"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["name"], out["run_id"], out["alias"]) == ("custom", run, "champion")
+    assert out["uri"] == "models:/custom@champion"
+    assert cli.main(["register", "nope"]) == 2
+    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err

@@ -1,0 +1,273 @@
+"""Optuna studies for real: grid and TPE, pruned and failed trials with their MLflow runs, resume after a killed
+worker, two worker processes on one PostgreSQL storage."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from cnnlab import cli, tuning
+
+SMALL = {"epochs": 1, "limit": 200}  # 200 train / 50 val / 50 test images of 3 Fashion-MNIST classes
+
+
+def write_space(folder: Path, name: str, **spec) -> Path:
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "fmnist_mlp", "fixed": SMALL, **spec}))
+    return path
+
+
+def study_runs(study: str) -> dict[str, list]:
+    """The study's MLflow runs by role: parent, trials (by trial number), final."""
+    runs = mlflow.search_runs(experiment_names=["fmnist_mlp"], filter_string=f"tags.study = '{study}'",
+                              output_format="list")
+    trials = sorted((r for r in runs if "trial_number" in r.data.tags), key=lambda r: int(r.data.tags["trial_number"]))
+    return {"parent": [r for r in runs if r.data.tags.get("tuning") == "study"], "trials": trials,
+            "final": [r for r in runs if r.data.tags.get("final") == "true"]}
+
+
+def artifacts(run_id: str, path: str) -> list[str]:
+    return sorted(a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path))
+
+
+def test_grid_study_tracks_every_trial_and_retrains_the_best(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "grid", n_trials=10, sampler={"type": "grid"},
+                       space={"dropout": {"type": "categorical", "choices": [0.2, 0.5]},
+                              "lr": {"type": "categorical", "choices": ["1e-3", "3e-3"]}})
+    spec = tuning.load_spec(path, {"data_dir": str(fmnist_dir)})
+    assert spec["n_trials"] == 4  # capped at the grid's size: a rerun never re-evaluates a point
+    summary = tuning.tune(spec)
+
+    study = optuna.load_study(study_name="grid", storage="sqlite:///optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    assert {(t.params["dropout"], t.params["lr"]) for t in study.trials} == {
+        (d, lr) for d in (0.2, 0.5) for lr in (1e-3, 3e-3)}
+    assert summary["best_value"] == study.best_value and summary["epochs_spent"] == 4
+
+    runs = study_runs("grid")
+    parent = runs["parent"][0]
+    assert len(runs["parent"]) == 1 and parent.info.status == "FINISHED"
+    assert parent.info.run_id == summary["parent_run_id"]
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    assert parent.data.tags["best.lr"] == str(study.best_params["lr"])
+    assert artifacts(parent.info.run_id, "study/plots") == [
+        f"study/plots/{n}.html" for n in sorted(("intermediate_values", "optimization_history",
+                                                 "parallel_coordinate", "param_importances"))]
+    csv = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="study/trials.csv"))
+    assert len(csv.read_text().splitlines()) == 5
+
+    assert [r.data.tags["trial_number"] for r in runs["trials"]] == ["0", "1", "2", "3"]
+    for trial, run in zip(study.trials, runs["trials"], strict=True):
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
+        assert float(run.data.params["lr"]) == trial.params["lr"]
+        assert run.data.metrics["val_accuracy"] == pytest.approx(trial.value)
+        assert "test_accuracy" not in run.data.metrics  # the test split is evaluated once, on the final run
+
+    (final,) = runs["final"]
+    assert final.info.status == "FINISHED" and final.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert final.data.tags["best_trial"] == str(study.best_trial.number)
+    assert float(final.data.params["dropout"]) == study.best_params["dropout"]
+    assert final.data.metrics["test_accuracy"] == pytest.approx(summary["final"]["test_accuracy"])
+    assert "model/MLmodel" in artifacts(final.info.run_id, "model")
+
+    again = tuning.tune(spec)  # a finished study: nothing is trained again
+    assert again["parent_run_id"] == parent.info.run_id and again["final"]["reused"]
+    assert len(study.get_trials()) == 4 and len(study_runs("grid")["trials"]) == 4
+    assert not any(Path(".cnnlab/checkpoints").iterdir())  # trials leave no checkpoints behind
+
+
+def test_pruned_and_failed_trials_are_recorded_as_such(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "bad", n_trials=4, fixed={**SMALL, "epochs": 2},
+                       space={"lr": {"type": "float", "low": 1e-8, "high": 1e21, "log": True}},
+                       sampler={"type": "tpe", "seed": 0},
+                       pruner={"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
+    spec = tuning.load_spec(path, {"data_dir": str(fmnist_dir)})
+    study = optuna.create_study(study_name="bad", storage="sqlite:///optuna.db", direction="maximize")
+    for lr in (1e-3, 3e-3, 1e-7, 1e20):  # two good, one that barely learns (pruned), one whose loss becomes NaN
+        study.enqueue_trial({"lr": lr})
+    summary = tuning.tune(spec, final=False)
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert list(trials[2].intermediate_values) == [1]  # stopped after its first of two epochs
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (2, 1, 1)
+    assert summary["epochs_spent"] == 2 + 2 + 1 + 0
+
+    runs = study_runs("bad")
+    assert [r.info.status for r in runs["trials"]] == ["FINISHED", "FINISHED", "KILLED", "FAILED"]
+    pruned, failed = runs["trials"][2], runs["trials"][3]
+    assert pruned.data.tags["pruned"] == "true" and "epoch 1" in pruned.data.tags["pruned_reason"]
+    assert "error" not in pruned.data.tags
+    assert failed.data.tags["error"].startswith("FloatingPointError: loss became")
+    assert "pruned" not in failed.data.tags
+    assert runs["parent"][0].info.status == "FINISHED" and not runs["final"]
+
+
+def test_epoch_budget_stops_the_study(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "budget", n_trials=10, budget_epochs=3, fixed={**SMALL, "epochs": 2},
+                       space={"dropout": {"type": "float", "low": 0.1, "high": 0.6}},
+                       sampler={"type": "random", "seed": 0})
+    summary = tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)
+
+    trials = optuna.load_study(study_name="budget", storage="sqlite:///optuna.db").get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]  # then no trial starts
+    assert summary["epochs_spent"] == 3
+    assert "budget is spent" in study_runs("budget")["trials"][1].data.tags["pruned_reason"]
+    assert tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)["n_trials"] == 2  # spent
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def trials_in(storage: str, name: str) -> list:
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials()
+    except KeyError:  # not created yet
+        return []
+
+
+def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "resume", n_trials=2, heartbeat_interval=1,
+                       space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                              "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
+                       sampler={"type": "tpe", "seed": 0, "n_startup_trials": 2})
+    cmd = [sys.executable, "-m", "cnnlab", "tune", str(path), "--no-final", "-P", f"data_dir={fmnist_dir}"]
+    worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def second_trial_running():
+            trials = trials_in("sqlite:///optuna.db", "resume")
+            running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            return trials[:1] and trials[0].state == TrialState.COMPLETE and running and trials
+        trials = wait_for(second_trial_running, 180, "trial 1 to start")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    killed = next(t for t in optuna.load_study(study_name="resume", storage="sqlite:///optuna.db").get_trials()
+                  if t.state == TrialState.RUNNING)
+    parent_id = study_runs("resume")["parent"][0].info.run_id
+    assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # nobody ended it
+    time.sleep(3)  # past the grace period: two missed heartbeats
+
+    summary = tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)
+
+    study = optuna.load_study(study_name="resume", storage="sqlite:///optuna.db")
+    after = study.get_trials()
+    assert after[0].state == TrialState.COMPLETE and after[0].value == trials[0].value  # kept, not rerun
+    assert after[killed.number].state == TrialState.FAIL
+    retry = next(t for t in after if t.system_attrs.get("failed_trial") == killed.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert [t.state for t in after].count(TrialState.COMPLETE) == 2 and len(after) == 3  # the dead one not counted
+    assert summary["n_complete"] == 2 and summary["parent_run_id"] == parent_id
+
+    runs = study_runs("resume")
+    assert [r.data.tags["trial_number"] for r in runs["trials"]] == ["0", "1", "2"]
+    dead = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
+    assert dead.info.status == "FAILED" and "heartbeat" in dead.data.tags["error"]
+    assert [r.info.status for r in runs["trials"]].count("FINISHED") == 2
+    assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster (in a folder its OS user can reach) with databases for Optuna and MLflow."""
+    from cnnlab.stack import Postgres
+
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-tuning-pg-"))
+    root.chmod(0o755)
+    pg = Postgres(root).start()
+    try:
+        pg.create_database("optuna")
+        pg.create_database("mlflow")
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.services
+def test_two_workers_share_one_postgres_study(fmnist_dir, tmp_path, postgres, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres.url("mlflow"))  # parallel writers: a server database
+    path = write_space(tmp_path, "parallel", n_trials=4, storage=postgres.url("optuna"),
+                       space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                              "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
+                       sampler={"type": "tpe", "seed": 0})
+    summary = tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), workers=2, final=False)
+
+    study = optuna.load_study(study_name="parallel", storage=postgres.url("optuna"))
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in trials) and summary["n_complete"] == 4
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4  # no configuration evaluated twice
+
+    mlflow.set_tracking_uri(postgres.url("mlflow"))
+    runs = study_runs("parallel")
+    assert sorted(int(r.data.tags["trial_number"]) for r in runs["trials"]) == [0, 1, 2, 3]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs["trials"]} == {summary["parent_run_id"]}
+    assert all(r.info.status == "FINISHED" for r in runs["trials"])
+    assert len({r.data.tags["worker"] for r in runs["trials"]}) == 2  # both processes ran trials
+
+
+def test_cli_tune_and_its_errors(fmnist_dir, tmp_path, capsys):
+    path = write_space(tmp_path, "one", space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    assert cli.main(["tune", str(path), "--n-trials", "1", "--no-final", "--params", f"data_dir={fmnist_dir}"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["study"], out["n_complete"]) == ("one", 1) and "final" not in out
+    skipped = mlflow.artifacts.load_dict(f"runs:/{out['parent_run_id']}/study/plots/skipped.json")
+    assert "2 complete trials" in skipped["param_importances"]
+
+    assert cli.main(["tune", str(path), "--workers", "2"]) == 2
+    assert "PostgreSQL" in capsys.readouterr().err
+    assert cli.main(["tune", str(path), "-P", "limit=100", "--no-final"]) == 2  # resuming with other settings
+    assert "other settings" in capsys.readouterr().err
+    assert cli.main(["tune", str(path), "-P", "lr=0.1"]) == 2
+    assert "searched in the space" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"space": {"lr": {"type": "float", "low": 0.1}}}, "space.lr: needs `low` and `high`"),
+    ({"space": {"batch_size": {"type": "float", "low": 8, "high": 64}}}, "batch_size is int"),
+    ({"space": {"lr": {"type": "categorical", "choices": ["fast"]}}}, "space.lr: parameter lr='fast' is not a valid"),
+    ({"space": {"nope": {"type": "categorical", "choices": [1]}}}, "unknown parameter 'nope'"),
+    ({"fixed": {"epochs": "ten"}}, "fixed.epochs: parameter epochs='ten'"),
+    ({"fixed": {"optimizer": "lion"}}, "optimizer must be one of"),
+    ({"sampler": {"type": "grid"}}, "grid sampler needs categorical parameters; ['lr']"),
+    ({"pruner": {"type": "median", "patience": 3}}, "pruner:"),
+    ({"n_trails": 3}, "unknown key(s) ['n_trails']"),
+])
+def test_bad_search_spaces_name_file_and_field(tmp_path, change, message):
+    spec = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, **change}
+    path = write_space(tmp_path, "broken", **spec)
+    with pytest.raises(ValueError) as err:
+        tuning.load_spec(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_shipped_search_spaces_load():
+    root = Path(__file__).resolve().parents[1] / "tuning"
+    specs = {p.stem: tuning.load_spec(p) for p in sorted(root.glob("*.yaml"))}
+    assert set(specs) >= {"fer_cnn_grid", "fer_cnn", "fer_resnet18_freeze", "fmnist_cnn"}
+    grid = specs["fer_cnn_grid"]
+    assert grid["n_trials"] == 9 and grid["fixed"] == {"batch_size": 32, "optimizer": "adam", "epochs": 10}
+    assert grid["space"]["lr"]["choices"] == [1e-2, 1e-3, 1e-4]
+    assert specs["fer_cnn"]["budget_epochs"] <= 30 and specs["fer_cnn"]["sampler"]["seed"] == 0
+    assert set(specs["fer_resnet18_freeze"]["space"]["freeze"]["choices"]) == {
+        "none", "conv1", "layer1", "layer2", "layer3", "layer4"}
