@@ -24,7 +24,7 @@ data:
 run: setup data
 	mlflow run . -e fmnist_cnn --env-manager local
 
-test: setup data
+test: setup data postgres
 	$(BIN)/python -m pytest
 
 test-fast: setup data
@@ -45,5 +45,5 @@ stack-down:
 stack-status:
 	$(BIN)/cnnlab stack status
 
-clean:
-	rm -rf .cnnlab mlflow.db mlartifacts reports
+clean:  # keeps .cnnlab/stack (the team stack's data)
+	rm -rf .cnnlab/checkpoints mlflow.db mlruns mlartifacts reports optuna.db

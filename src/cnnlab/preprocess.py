@@ -40,10 +40,11 @@ class Classifier(nn.Module):
     def __init__(self, preprocess: Preprocess, net: nn.Module):
         super().__init__()
         self.preprocess, self.net = preprocess, net
+        self.channels_last = False  # set by the training loop where the layout pays off
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(pixels)
-        if next(self.net.parameters()).is_cuda:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 

@@ -33,6 +33,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     precision: str = "auto"
+    channels_last: bool = True  # on CUDA, and on CPUs in bf16 (oneDNN's fast layout); never for fp32 on CPU
     device: str = "auto"
     seed: int = 0
     eval_batch_size: int = 1024
@@ -148,8 +149,10 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     model.to(device)
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    if cfg.channels_last and (device.type == "cuda" or precision == "bf16"):
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
     images, labels = train.images.to(device), train.labels.to(device)
     steps_per_epoch = max(1, len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1))
     optimizer = make_optimizer(model.parameters(), cfg)

@@ -191,8 +191,10 @@ def make_storage(spec: dict) -> optuna.storages.RDBStorage:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
+        # pre-ping: a pooled connection that a PostgreSQL restart closed is replaced, not handed to a worker
         return optuna.storages.RDBStorage(spec["storage"], heartbeat_interval=spec["heartbeat_interval"],
-                                          heartbeat_stale_trial_callback=_stale_trial)
+                                          heartbeat_stale_trial_callback=_stale_trial,
+                                          engine_kwargs={"pool_pre_ping": True})
     except SQLAlchemyError as e:
         raise RuntimeError(f"cannot open the Optuna storage {redact(spec['storage'])}: {getattr(e, 'orig', e)}") from e
 

@@ -1,0 +1,79 @@
+"""Fashion-MNIST benchmark: full tracked runs (accuracy) and training throughput against the plain pipeline.
+
+    python benchmarks/bench_fmnist.py            # 10-epoch runs on the real data (about 25 min on 2 cores)
+    python benchmarks/bench_fmnist.py --quick    # 1 epoch on 3,000 images
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ACCURACY_HEADER, accuracy_rows, ours, plain, table  # noqa: E402
+
+from cnnlab.config import build, load_data, make_config  # noqa: E402
+
+ROWS = [  # (name, experiment, overrides, claimed by the report)
+    ("CNN, 3 classes", "fmnist_cnn", {}, "99.51%"),
+    ("CNN, 3 classes, permuted pixels", "fmnist_cnn", {"permute": True}, "99.17%"),
+    ("MLP, 3 classes, permuted pixels", "fmnist_mlp", {"permute": True}, "-"),
+    ("MLP, 3 classes", "fmnist_mlp", {}, "-"),
+    ("CNN, 10 classes", "fmnist_cnn", {"classes": 10}, "-"),
+]
+
+
+def plain_loader(batch_size: int):
+    """torchvision's FashionMNIST dataset + ToTensor/Normalize + DataLoader, reading the same IDX files."""
+    from torchvision import datasets, transforms
+
+    from cnnlab.data.fmnist import FILES, RELABEL_3, find_dir
+
+    root = Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"
+    root.mkdir(parents=True)
+    for name in (f for pair in FILES.values() for f in pair):  # torchvision reads the unzipped files
+        (root / name.removesuffix(".gz")).write_bytes(gzip.decompress((find_dir() / name).read_bytes()))
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.286,), (0.353,))])
+    ds = datasets.FashionMNIST(str(root.parent.parent), train=True, transform=tf, download=False,
+                               target_transform=lambda y: int(RELABEL_3[y]))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
+
+
+def throughput_rows(images: int, batch_size: int = 32) -> list[tuple]:
+    cfg = make_config("fmnist_cnn", limit=images)
+    split = load_data(cfg)["train"]
+    rows = []
+    for precision in ("bf16", "fp32"):
+        model, _ = build(cfg, split)
+        fast = ours(model, split, batch_size, precision)
+        model, _ = build(cfg, split)
+        slow = plain(model.net, plain_loader(batch_size), len(split) // batch_size, precision)
+        rows.append((precision, batch_size, f"{slow:.0f}", f"{fast:.0f}", f"{fast / slow:.2f}x"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    start = time.time()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print("\nTraining throughput, CNN, batch 32 (images/s; same model, same batch, same images):")
+    print(table(throughput_rows(2000 if args.quick else 12000),
+                ("precision", "batch", "plain torchvision pipeline", "cnnlab loop", "speed-up")))
+    if not args.skip_accuracy:
+        print("\nTest accuracy (10,000 test images; model selection on 10% of train):")
+        print(table(accuracy_rows(ROWS, {"epochs": 1, "limit": 3000} if args.quick else {}), ACCURACY_HEADER))
+    print(f"\ntotal {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
