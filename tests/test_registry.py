@@ -85,7 +85,7 @@ def test_no_candidate_is_a_clear_error():
     logged_run(0.8, model=False)
     with pytest.raises(ValueError, match="no FINISHED run with val_accuracy and a logged model for experiment 'fmnist"):
         registry.register("fmnist_cnn")
-    with pytest.raises(ValueError, match="no MLflow experiment named 'nope'"):
+    with pytest.raises(ValueError, match="no FINISHED run with val_accuracy and a logged model for experiment 'nope'"):
         registry.register("nope")
 
 
@@ -96,4 +96,4 @@ def test_cli_register(capsys):
     assert (out["name"], out["run_id"], out["alias"]) == ("custom", run, "champion")
     assert out["uri"] == "models:/custom@champion"
     assert cli.main(["register", "nope"]) == 2
-    assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
+    assert "for experiment 'nope'" in capsys.readouterr().err

@@ -63,6 +63,13 @@ class Config(TrainConfig):
     def total_epochs(self) -> int:
         return self.epochs + (self.unfreeze_epochs if self.freeze != "none" else 0)
 
+    def label(self) -> str:
+        """A run name that says how this config differs from its experiment's preset, e.g. `fer_cnn variant=model1`."""
+        preset = make_config(self.experiment)
+        changed = [f"{k}={v}" for k, v in asdict(self).items()
+                   if k not in ("data_dir", "run_name", "log_model", "eval_test") and v != getattr(preset, k)]
+        return " ".join([self.experiment, *changed])
+
     def digest(self) -> str:
         """Hash of every setting that changes the result (not the run name or where the data lives)."""
         skip = ("run_name", "data_dir", "log_model", "eval_test", "device")

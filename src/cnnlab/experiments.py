@@ -49,7 +49,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
     ckpt_dir = _checkpoint_dir(cfg)
     previous = None if nested else _interrupted_run(ckpt_dir)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
-    name = cfg.run_name or f"{cfg.experiment}-{cfg.model}-s{cfg.seed}"
+    name = cfg.run_name or cfg.label()
     with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment}) as active:
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint

@@ -11,9 +11,11 @@ METRIC = "val_accuracy"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def candidate_filter(study: str | None) -> str:
-    """FINISHED runs with the metric; for a study only its final run (tags set by tuning)."""
+def candidate_filter(experiment: str | None, study: str | None) -> str:
+    """FINISHED runs with the metric, of one experiment (its tag: `mlflow run` may file runs under any MLflow
+    experiment); for a study only its final run (tags set by tuning)."""
     where = f"attributes.status = 'FINISHED' and metrics.{METRIC} >= 0"
+    where += f" and tags.experiment = '{experiment}'" if experiment else ""
     return where + (f" and tags.study = '{study}' and tags.final = 'true'" if study else "")
 
 
@@ -21,10 +23,7 @@ def best_run(experiment: str | None = None, study: str | None = None):
     """The FINISHED run with the highest validation accuracy that has a logged model, and that model."""
     if not experiment and not study:
         raise ValueError("give an experiment, a study, or both")
-    if experiment and mlflow.get_experiment_by_name(experiment) is None:
-        raise ValueError(f"no MLflow experiment named {experiment!r} in {mlflow.get_tracking_uri()}")
-    runs = mlflow.search_runs(experiment_names=[experiment] if experiment else None,
-                              search_all_experiments=not experiment, filter_string=candidate_filter(study),
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=candidate_filter(experiment, study),
                               order_by=[f"metrics.{METRIC} DESC", "attributes.start_time ASC"], output_format="list")
     for run in runs:
         logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
