@@ -99,6 +99,7 @@ def test_unknown_parameter_name():
     ("fer_resnet18", {"weights": "none", "in_chans": 1}),
     ("fer_resnet18", {"freeze": "layer3", "unfreeze_epochs": 1, "image_size": 64}),
     ("fer_best", {"width": 8, "mixup": 0.2, "tta": "tencrop"}),
+    ("fer_best", {"width": 8, "cutmix": 1.0, "tta": "flip", "optimizer": "adamw", "schedule": "plateau"}),
 ])
 def test_fer_variants_train_and_log(fer_subset, experiment, overrides):
     cfg = make_config(experiment, epochs=1, limit=140, batch_size=32, data_dir=str(fer_subset), **overrides)

@@ -264,7 +264,7 @@ def test_bad_search_spaces_name_file_and_field(tmp_path, change, message):
 def test_shipped_search_spaces_load():
     root = Path(__file__).resolve().parents[1] / "tuning"
     specs = {p.stem: tuning.load_spec(p) for p in sorted(root.glob("*.yaml"))}
-    assert set(specs) >= {"fer_cnn_grid", "fer_cnn", "fer_resnet18_freeze", "fmnist_cnn"}
+    assert set(specs) >= {"fer_cnn_grid", "fer_cnn", "fer_resnet18_freeze", "fmnist_cnn", "fer_best"}
     grid = specs["fer_cnn_grid"]
     assert grid["n_trials"] == 9 and grid["fixed"] == {"batch_size": 32, "optimizer": "adam", "epochs": 10}
     assert grid["space"]["lr"]["choices"] == [1e-2, 1e-3, 1e-4]

@@ -52,9 +52,24 @@ def mixup(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, gen:
     return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
 
 
+def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, gen: torch.Generator):
+    """Paste a random box from a partner image; labels mix by the box's area (Yun et al. 2019)."""
+    lam = torch.distributions.Beta(alpha, alpha).sample().item()
+    perm = torch.randperm(len(x), generator=gen, device=x.device)
+    h, w = x.shape[-2:]
+    bh, bw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    top = int(torch.randint(0, h - bh + 1, (1,), generator=gen, device=x.device))
+    left = int(torch.randint(0, w - bw + 1, (1,), generator=gen, device=x.device))
+    x = x.clone()
+    x[..., top: top + bh, left: left + bw] = x[perm][..., top: top + bh, left: left + bw]
+    area = bh * bw / (h * w)
+    target = F.one_hot(y, num_classes).float()
+    return x, (1 - area) * target + area * target[perm]
+
+
 def batch_augment(cfg) -> Callable | None:
     """The training-time augmentation that `cfg.augment` and `cfg.mixup` name, as fn(x_uint8, y, gen) -> (x, target)."""
-    if cfg.augment == "none" and cfg.mixup <= 0:
+    if cfg.augment == "none" and cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
     num_classes = cfg.classes
 
@@ -67,6 +82,8 @@ def batch_augment(cfg) -> Callable | None:
             x = x.unsqueeze(1).float() / 255.0
         if cfg.mixup > 0:
             return mixup(x, y, num_classes, cfg.mixup, gen)
+        if cfg.cutmix > 0:
+            return cutmix(x, y, num_classes, cfg.cutmix, gen)
         return x, y
     return augment
 

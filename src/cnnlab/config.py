@@ -34,6 +34,7 @@ class Config(TrainConfig):
     unfreeze_epochs: int = 0
     augment: str = "none"
     mixup: float = 0.0
+    cutmix: float = 0.0
     tta: str = "none"
     val_fraction: float = 0.1
     limit: int = 0
@@ -55,6 +56,8 @@ class Config(TrainConfig):
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         if self.freeze != "none" and self.model != "resnet18":
             raise ValueError(f"freeze={self.freeze!r} applies to resnet18 only, not {self.model!r}")
+        if self.mixup > 0 and self.cutmix > 0:
+            raise ValueError("choose mixup or cutmix, not both")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_size and not 16 <= self.image_size <= 512:
