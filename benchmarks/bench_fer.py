@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACCURACY_HEADER, accuracy_rows, ours, plain, table  # noqa: E402
+from common import ACCURACY_HEADER, THROUGHPUT_HEADER, accuracy_rows, compare, table  # noqa: E402
 
 from cnnlab.config import build, load_data, make_config  # noqa: E402
 
@@ -42,14 +42,10 @@ def throughput_rows(images: int) -> list[tuple]:
     for name, experiment, params in MODELS:
         cfg = make_config(experiment, **{"limit": images, "batch_size": 32, **params})
         split = load_data(cfg)["train"]
-        for precision in ("bf16", "fp32"):
-            model, _ = build(cfg, split)
-            fast = ours(model, split, 32, precision)
-            model, _ = build(cfg, split)
-            pre = model.preprocess
-            loader = plain_loader(Path(os.environ["FER2013_DIR"]), 32, pre.mean, pre.std, pre.size, pre.channels)
-            slow = plain(model.net, loader, len(split) // 32, precision)
-            rows.append((name, precision, 32, f"{slow:.0f}", f"{fast:.0f}", f"{fast / slow:.2f}x"))
+        pre = build(cfg, split)[0].preprocess
+        root = Path(os.environ["FER2013_DIR"])
+        rows.append(compare(name, lambda: build(cfg, split)[0], split,
+                            lambda: plain_loader(root, 32, pre.mean, pre.std, pre.size, pre.channels)))
     return rows
 
 
@@ -63,9 +59,8 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     start = time.time()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print("\nTraining throughput at batch 32 (images/s; same model, same batch, same images):")
-    print(table(throughput_rows(1000 if args.quick else 4000),
-                ("model", "precision", "batch", "ImageFolder+PIL+DataLoader", "cnnlab loop", "speed-up")))
+    print("\nTraining throughput (images/s; same model, same batch, same images; plain = ImageFolder + PIL + DataLoader):")
+    print(table(throughput_rows(1000 if args.quick else 4000), THROUGHPUT_HEADER))
     if not args.skip_accuracy:
         print("\nTest accuracy (3,589 PublicTest images; model selection on 10% of train):")
         print(table(accuracy_rows(ROWS, {"epochs": 1, "limit": 1000} if args.quick else {}), ACCURACY_HEADER))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACCURACY_HEADER, accuracy_rows, ours, plain, table  # noqa: E402
+from common import ACCURACY_HEADER, THROUGHPUT_HEADER, accuracy_rows, compare, table  # noqa: E402
 
 from cnnlab.config import build, load_data, make_config  # noqa: E402
 
@@ -48,14 +48,7 @@ def plain_loader(batch_size: int):
 def throughput_rows(images: int, batch_size: int = 32) -> list[tuple]:
     cfg = make_config("fmnist_cnn", limit=images)
     split = load_data(cfg)["train"]
-    rows = []
-    for precision in ("bf16", "fp32"):
-        model, _ = build(cfg, split)
-        fast = ours(model, split, batch_size, precision)
-        model, _ = build(cfg, split)
-        slow = plain(model.net, plain_loader(batch_size), len(split) // batch_size, precision)
-        rows.append((precision, batch_size, f"{slow:.0f}", f"{fast:.0f}", f"{fast / slow:.2f}x"))
-    return rows
+    return [compare("fmnist_cnn", lambda: build(cfg, split)[0], split, lambda: plain_loader(batch_size), batch_size)]
 
 
 def main() -> None:
@@ -66,9 +59,8 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     start = time.time()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print("\nTraining throughput, CNN, batch 32 (images/s; same model, same batch, same images):")
-    print(table(throughput_rows(2000 if args.quick else 12000),
-                ("precision", "batch", "plain torchvision pipeline", "cnnlab loop", "speed-up")))
+    print("\nTraining throughput (images/s; same model, same batch, same images; plain = torchvision's dataset):")
+    print(table(throughput_rows(2000 if args.quick else 12000), THROUGHPUT_HEADER))
     if not args.skip_accuracy:
         print("\nTest accuracy (10,000 test images; model selection on 10% of train):")
         print(table(accuracy_rows(ROWS, {"epochs": 1, "limit": 3000} if args.quick else {}), ACCURACY_HEADER))

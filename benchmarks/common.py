@@ -50,6 +50,22 @@ def plain(model: torch.nn.Module, loader, steps: int, precision: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
+THROUGHPUT_HEADER = ("model", "batch", "plain pipeline fp32 (baseline)", "plain pipeline bf16", "cnnlab loop fp32",
+                     "cnnlab loop bf16 (default here)", "speed-up vs baseline")
+
+
+def compare(name: str, make_model, split: Split, make_loader, batch_size: int = 32) -> tuple:
+    """Images/s of the plain pipeline and of cnnlab's loop, each in fp32 and bf16, fresh model each time."""
+    speeds = {}
+    for precision in ("fp32", "bf16"):
+        speeds["plain", precision] = plain(make_model().net, make_loader(), len(split) // batch_size, precision)
+        speeds["ours", precision] = ours(make_model(), split, batch_size, precision)
+    best = speeds["ours", "bf16"]
+    return (name, batch_size, *(f"{speeds[k]:.0f}" for k in (("plain", "fp32"), ("plain", "bf16"), ("ours", "fp32"),
+                                                              ("ours", "bf16"))),
+            f"{best / speeds['plain', 'fp32']:.2f}x")
+
+
 def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
