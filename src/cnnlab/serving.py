@@ -50,16 +50,6 @@ def signature(output: pd.DataFrame):
     return infer_signature(None, output, params={"detect_faces": False})
 
 
-def encode_images(pixels, ext: str = ".png") -> pd.DataFrame:
-    """uint8 (N, H, W) pixels -> the served model's DataFrame input: an `image` column of base64 files."""
-    import cv2
-
-    def encode(img):
-        _, buf = cv2.imencode(ext, np.ascontiguousarray(img))
-        return base64.b64encode(buf.tobytes()).decode("ascii")
-    return pd.DataFrame({COLUMN: [encode(img) for img in np.asarray(pixels)]})
-
-
 def _check_header(data: bytes, where: str) -> None:
     """Format and size from the header alone (PIL opens lazily), before any full decode."""
     from PIL import Image, UnidentifiedImageError

@@ -82,7 +82,7 @@ def log_split(split: Split, context: str) -> None:
 def log_model(classifier, spec: dict, classes: list[str], example) -> None:
     """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example.
 
-    `example` is uint8 (N, H, W) pixels; the logged example is the same images as base64 PNGs (the REST form).
+    `example` is uint8 (N, H, W) pixels, logged as the numpy input example; the model takes base64 images too.
     """
     import tempfile
 
@@ -91,7 +91,6 @@ def log_model(classifier, spec: dict, classes: list[str], example) -> None:
     from . import serving
     from .models import bundle
 
-    example = serving.encode_images(example)
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         path = Path(tmp) / "model.pt"
         torch.save(bundle(classifier, spec, classes), path)
