@@ -76,7 +76,13 @@ def log_split(split: Split, context: str) -> None:
 
     source = resolve_dataset_source(split.summary["source"])
     dataset = MetaDataset(source, name=f"{split.name} ({len(split)} images)", digest=split.digest)
-    mlflow.log_input(dataset, context=context)
+    try:
+        mlflow.log_input(dataset, context=context)
+    except Exception as e:
+        if "duplicate key" not in str(e) and "UNIQUE constraint" not in str(e):
+            raise
+        # parallel workers inserted the same dataset at once (MLflow's store races); it exists now: link it
+        mlflow.log_input(dataset, context=context)
 
 
 def log_model(classifier, spec: dict, classes: list[str], example) -> None:
