@@ -1,12 +1,10 @@
 """One interface for every dataset: load_splits(name, ...) -> {"train", "val", "test"} of uint8 images."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -28,14 +26,6 @@ class Split:
 
     def subset(self, index: torch.Tensor, name: str | None = None) -> "Split":
         return Split(self.images[index], self.labels[index], self.classes, self.digest, name or self.name, self.summary)
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -81,7 +71,3 @@ def load_splits(dataset: str, data_dir: str | None = None, val_fraction: float =
     if limit:
         splits = {k: stratified_limit(s, limit if k == "train" else max(limit // 4, 1), seed) for k, s in splits.items()}
     return splits
-
-
-def as_numpy(split: Split) -> tuple[np.ndarray, np.ndarray]:
-    return split.images.numpy(), split.labels.numpy()
