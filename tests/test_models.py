@@ -19,6 +19,8 @@ from cnnlab.preprocess import Classifier, Preprocess
     ("resnet18", {"in_chans": 1}, 48, 7),
     ("resnet18", {"in_chans": 3, "small_input": True}, 48, 7),
     ("vgg_bn", {"width": 16}, 48, 7),
+    ("vgg_bn", {"width": 16, "head": "fc"}, 48, 7),
+    ("vgg_bn", {"width": 16, "head": "fc"}, 43, 7),  # a ten-crop view
 ])
 def test_output_shapes(name, kwargs, size, classes):
     net = models.create(name, **kwargs).eval()
@@ -37,6 +39,8 @@ def test_unknown_model_and_variant():
         models.create("vgg99")
     with pytest.raises(ValueError, match="variant must be"):
         models.create("fer_cnn", variant="model3")
+    with pytest.raises(ValueError, match="head must be one of \\['gap', 'fc'\\], got 'mlp'"):
+        models.create("vgg_bn", head="mlp")
 
 
 def test_preprocess_accepts_uint8_and_float_and_resizes():

@@ -29,6 +29,7 @@ class Config(TrainConfig):
     in_chans: int = 1
     small_input: bool = False
     width: int = 64
+    head: str = "gap"  # vgg_bn: global average pool, or fc on a 3x3 grid
     image_size: int = 0  # 0: the dataset's own size
     freeze: str = "none"
     unfreeze_epochs: int = 0
@@ -50,7 +51,8 @@ class Config(TrainConfig):
 
         checks = [("experiment", self.experiment, PRESETS), ("model", self.model, models.names()),
                   ("freeze", self.freeze, models.FREEZE_STAGES), ("augment", self.augment, AUGMENTS),
-                  ("tta", self.tta, TTA), ("in_chans", self.in_chans, (1, 3)), ("on_bad", self.on_bad, ("error", "skip"))]
+                  ("tta", self.tta, TTA), ("head", self.head, models.HEADS), ("in_chans", self.in_chans, (1, 3)),
+                  ("on_bad", self.on_bad, ("error", "skip"))]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -9,6 +9,7 @@ from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 FREEZE_STAGES = ["none", "conv1", "layer1", "layer2", "layer3", "layer4"]
+HEADS = ("gap", "fc")
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -148,17 +149,25 @@ def freeze_resnet(net: nn.Module, stage: str) -> None:
 
 
 @register
-def vgg_bn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.4, width: int = 64) -> nn.Module:
-    """VGG-style net with BatchNorm for 48x48 faces (after Khaireddin and Chen 2021)."""
+def vgg_bn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.4, width: int = 64,
+           head: str = "gap") -> nn.Module:
+    """VGG-style net with BatchNorm for 48x48 faces (after Khaireddin and Chen 2021); head gap, or fc on a 3x3 grid."""
     def block(c_in, c_out):
         return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
                 nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
                 nn.MaxPool2d(2)]
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
     w = width
-    return nn.Sequential(
-        *block(in_chans, w), *block(w, 2 * w), *block(2 * w, 4 * w), *block(4 * w, 8 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, num_classes),
-    )
+    features = [*block(in_chans, w), *block(w, 2 * w), *block(2 * w, 4 * w), *block(4 * w, 8 * w)]
+    if head == "gap":
+        return nn.Sequential(*features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                             nn.Linear(8 * w, num_classes))
+    # faces are aligned, so where a feature fires matters: keep a 3x3 grid (any input size) and two FC layers
+    hidden = 16 * w
+    return nn.Sequential(*features, nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(8 * w * 9, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
 def bundle(classifier: nn.Module, spec: dict, classes: list[str]) -> dict:

@@ -151,6 +151,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
     history, start = [], 0
+    check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
@@ -177,8 +178,9 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
             with autocast(device, precision):
                 out = model(x)
             loss = F.cross_entropy(out.float(), target, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i // cfg.batch_size}; "
+            step = i // cfg.batch_size
+            if (step % check_every == 0 or i + cfg.batch_size >= len(train)) and not torch.isfinite(loss_sum + loss):
+                raise FloatingPointError(f"loss became {(loss_sum + loss).item()} by epoch {epoch + 1}, step {step}; "
                                          f"lower lr (now {cfg.lr}) or check the data")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
