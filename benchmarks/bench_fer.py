@@ -6,16 +6,14 @@
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACCURACY_HEADER, THROUGHPUT_HEADER, accuracy_rows, compare, table  # noqa: E402
+from common import compare, throughput_and_accuracy  # noqa: E402
 
 from cnnlab.config import build, load_data, make_config  # noqa: E402
 
@@ -50,21 +48,9 @@ def throughput_rows(images: int) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-accuracy", action="store_true")
-    args = parser.parse_args()
-    if not os.environ.get("FER2013_DIR"):
-        parser.error("set FER2013_DIR to the FER2013 folder (train/ and test/)")
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    start = time.time()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print("\nTraining throughput (images/s; same model, same batch, same images; plain = ImageFolder + PIL + DataLoader):")
-    print(table(throughput_rows(1000 if args.quick else 4000), THROUGHPUT_HEADER))
-    if not args.skip_accuracy:
-        print("\nTest accuracy (3,589 PublicTest images; model selection on 10% of train):")
-        print(table(accuracy_rows(ROWS, {"epochs": 1, "limit": 1000} if args.quick else {}), ACCURACY_HEADER))
-    print(f"\ntotal {time.time() - start:.0f} s")
+    throughput_and_accuracy(__doc__, lambda quick: throughput_rows(1000 if quick else 4000),
+                            "ImageFolder + PIL + DataLoader", ROWS, quick_limit=1000, test_images="3,589 PublicTest",
+                            required_env="FER2013_DIR")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,15 @@
 """
 from __future__ import annotations
 
-import argparse
 import gzip
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ACCURACY_HEADER, THROUGHPUT_HEADER, accuracy_rows, compare, table  # noqa: E402
+from common import compare, throughput_and_accuracy  # noqa: E402
 
 from cnnlab.config import build, load_data, make_config  # noqa: E402
 
@@ -53,19 +50,8 @@ def throughput_rows(images: int, batch_size: int = 32) -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--skip-accuracy", action="store_true")
-    args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
-    start = time.time()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
-    print("\nTraining throughput (images/s; same model, same batch, same images; plain = torchvision's dataset):")
-    print(table(throughput_rows(2000 if args.quick else 12000), THROUGHPUT_HEADER))
-    if not args.skip_accuracy:
-        print("\nTest accuracy (10,000 test images; model selection on 10% of train):")
-        print(table(accuracy_rows(ROWS, {"epochs": 1, "limit": 3000} if args.quick else {}), ACCURACY_HEADER))
-    print(f"\ntotal {time.time() - start:.0f} s")
+    throughput_and_accuracy(__doc__, lambda quick: throughput_rows(2000 if quick else 12000), "torchvision's dataset",
+                            ROWS, quick_limit=3000, test_images="10,000")
 
 
 if __name__ == "__main__":

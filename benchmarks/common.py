@@ -1,7 +1,10 @@
 """Shared by the benchmarks: tracked accuracy rows, and training throughput of cnnlab's loop against a plain DataLoader."""
 from __future__ import annotations
 
+import argparse
+import os
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +73,23 @@ def table(rows: list[tuple], header: tuple) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def throughput_and_accuracy(doc: str, throughput: Callable[[bool], list[tuple]], plain: str, rows: list[tuple],
+                            quick_limit: int, test_images: str, required_env: str = "") -> None:
+    """The main of a dataset benchmark: training throughput against `plain`, then the tracked accuracy rows."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+    if required_env and not os.environ.get(required_env):
+        parser.error(f"set {required_env} to the dataset folder")
+    os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    start = time.time()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores")
+    print(f"\nTraining throughput (images/s; same model, same batch, same images; plain = {plain}):")
+    print(table(throughput(args.quick), THROUGHPUT_HEADER))
+    if not args.skip_accuracy:
+        print(f"\nTest accuracy ({test_images} test images; model selection on 10% of train):")
+        print(table(accuracy_rows(rows, {"epochs": 1, "limit": quick_limit} if args.quick else {}), ACCURACY_HEADER))
+    print(f"\ntotal {time.time() - start:.0f} s")
