@@ -56,8 +56,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
             ckpt_dir = CHECKPOINT_ROOT / f"run-{active.info.run_id}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
-        if previous and previous != active.info.run_id:
-            _carry_over(ckpt_dir / "last.pt", previous)
+        _carry_over(ckpt_dir / "last.pt", active.info.run_id, previous)
         # `mlflow run` has already logged its entry-point params as typed on the command line: keep those
         logged = mlflow.get_run(active.info.run_id).data.params
         mlflow.log_params({k: v for k, v in asdict(cfg).items() if k not in logged})
@@ -108,13 +107,17 @@ def _interrupted_run(ckpt_dir: Path) -> str | None:
     return None
 
 
-def _carry_over(checkpoint: Path, previous_run: str) -> None:
-    """Resuming another run's checkpoint (under `mlflow run`): copy its epochs' metrics so this run is complete."""
+def _carry_over(checkpoint: Path, run_id: str, previous_run: str | None) -> None:
+    """Resuming: log the checkpointed epochs' metrics that the run lacks (a crash between a checkpoint and its
+    metrics; another run's checkpoint under `mlflow run`), so the run is complete and has each epoch once."""
     if not checkpoint.exists():
         return
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
     for epoch, metrics in enumerate(torch.load(checkpoint, weights_only=False)["history"]):
-        mlflow.log_metrics(metrics, step=epoch + 1)
-    mlflow.set_tag("resumed_from_run", previous_run)
+        if epoch + 1 not in logged:
+            mlflow.log_metrics(metrics, step=epoch + 1)
+    if previous_run and previous_run != run_id:
+        mlflow.set_tag("resumed_from_run", previous_run)
 
 
 def _final_evaluation(model: Classifier, cfg: Config, splits: dict[str, Split], history: list[dict],
