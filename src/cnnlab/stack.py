@@ -284,7 +284,7 @@ class Postgres:
 
         try:
             psycopg2.connect(host=HOST, port=self.port, user=self.user, dbname="postgres", password="",
-                             connect_timeout=5, passfile="/dev/null").close()
+                             connect_timeout=5, passfile=str(self.root / "no-passfile")).close()
             return True
         except psycopg2.OperationalError:
             return False
