@@ -268,3 +268,10 @@ def test_no_model_server_and_no_camera_are_explained(tmp_path):
             wait(browser, lambda: "Waiting" not in text(browser, "#camera-message"))
             assert text(browser, "#camera-message") == "No camera found: choose a photo instead."
             browser.save_screenshot(str(tmp_path / "no_model.png"))
+
+
+def test_cli_refuses_a_bad_model_url(capsys):
+    from cnnlab.cli import main
+
+    assert main(["demo", "--model-url", "127.0.0.1:5000"]) == 2
+    assert "--model-url must be an http:// or https:// URL, got '127.0.0.1:5000'" in capsys.readouterr().err

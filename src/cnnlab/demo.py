@@ -1,11 +1,18 @@
 """`cnnlab demo`: a page to try a served model; serves the page and forwards /invocations to the model server."""
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.parse
 import urllib.request
 from importlib.resources import files
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.css": ("demo.css", "text/css; charset=utf-8"),
         "/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
@@ -29,9 +36,7 @@ def max_file_bytes(max_body: int) -> int:
     return (max_body - ENVELOPE) * 3 // 4
 
 
-def error(status: int, code: str, message: str):
-    from starlette.responses import JSONResponse
-
+def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
@@ -45,16 +50,14 @@ def forward(model_url: str, body: bytes, content_type: str) -> tuple[int, bytes]
         return e.code, e.read()
     except TimeoutError:
         raise
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         reason = getattr(e, "reason", e)
         raise ConnectionError(f"the model server at {model_url} is not reachable ({reason}); "
                               f"{serve_hint(model_url)}") from None
 
 
-def model_answer(model_url: str, status: int, answer: bytes):
+def model_answer(model_url: str, status: int, answer: bytes) -> Response:
     """The model server's answer as it is when it is JSON; otherwise a JSON error that quotes it."""
-    from starlette.responses import Response
-
     try:
         json.loads(answer)
     except ValueError:
@@ -79,6 +82,7 @@ async def read_body(request, limit: int) -> bytes | None:
 
 
 def ping(model_url: str) -> tuple[bool, str]:
+    """Whether the model server answers /ping, and a sentence saying so (or how to start it)."""
     try:
         with urllib.request.urlopen(model_url + "/ping", timeout=5) as response:
             return response.status == 200, f"model server {model_url}: ready"
@@ -88,13 +92,8 @@ def ping(model_url: str) -> tuple[bool, str]:
         return False, f"model server {model_url} is not reachable ({getattr(e, 'reason', e)}); {serve_hint(model_url)}"
 
 
-def create_app(model_url: str, max_body: int):
+def create_app(model_url: str, max_body: int) -> Starlette:
     """The page's three files, /status (model server up? the upload limit) and /invocations (forwarded)."""
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
     model_url = model_url.rstrip("/")
     folder = files(__package__) / "demo_page"
     page = {path: (folder.joinpath(name).read_bytes(), media) for path, (name, media) in PAGE.items()}
@@ -129,8 +128,6 @@ def create_app(model_url: str, max_body: int):
 
 def serve(model_url: str, host: str = "127.0.0.1", port: int = 8080, max_body_mb: float = 16) -> None:
     """Serve the demo page on host:port until interrupted."""
-    import uvicorn
-
     if not model_url.startswith(("http://", "https://")):
         raise ValueError(f"--model-url must be an http:// or https:// URL, got {model_url!r}")
     if not 0 < max_body_mb <= 1024:

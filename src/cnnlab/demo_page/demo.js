@@ -139,7 +139,7 @@ async function render(row, blob, name, detectFaces) {
   faces.forEach((face, i) => {
     const color = COLORS[i % COLORS.length];
     const title = detectFaces ? `Face ${i + 1}` : "Whole image";
-    if (face.box) drawBox(face, i, color, photo);
+    if (face.box && photo.naturalWidth) drawBox(face, i, color, photo);
     $("faces").append(card(face, title, color, photo));
   });
 }
