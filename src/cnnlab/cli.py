@@ -7,13 +7,26 @@ import sys
 
 import yaml
 
-from . import data
-from .config import PRESETS, RUN_PARAMS, Config, make_config, parse_params, parse_text
+# the config (and with it torch) loads only for the commands and help texts that need it: `cnnlab stack` starts fast
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose epilog is computed when help is printed."""
+
+    def __init__(self, *args, epilog_from=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_from = epilog_from
+
+    def format_help(self) -> str:
+        self.epilog = self.epilog_from() if self.epilog_from else self.epilog
+        return super().format_help()
 
 
 def _argument(kind: str, least: int | None = None):
     """An argparse type from the config's value parser: a bool, or a count of at least `least`."""
     def parse(text: str):
+        from .config import parse_text
+
         try:
             value = parse_text(kind, text)
         except ValueError as e:
@@ -25,6 +38,7 @@ def _argument(kind: str, least: int | None = None):
 
 
 def cmd_train(args) -> int:
+    from .config import make_config, parse_params
     from .experiments import run
 
     result = run(make_config(args.experiment, **parse_params(args.param)))
@@ -33,6 +47,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
+    from .config import parse_params
     from .reproduce import reproduce
 
     only = [name for item in args.only for name in item.split(",") if name]
@@ -65,6 +80,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from .config import parse_params
     from .tuning import load_spec, tune
 
     params = parse_params(args.param + args.params.split())
@@ -78,10 +94,9 @@ def cmd_mlproject(args) -> int:
     return 0
 
 
-# the entry points besides the experiments': parameter defaults (numbers are MLproject floats) and the command line
+# the entry points besides the experiments': parameter defaults (None: the Config field's) and the command line
 COMMAND_ENTRY_POINTS = {
-    "reproduce": ({"quick": False, "only": "", "out": "reports", "device": Config.device,
-                   "precision": Config.precision},
+    "reproduce": ({"quick": False, "only": "", "out": "reports", "device": None, "precision": None},
                   "python -m cnnlab reproduce --quick {quick} --only {only} --out {out} -P device={device} "
                   "-P precision={precision}"),
     "register": ({"experiment": "", "study": "", "name": ""},
@@ -114,6 +129,8 @@ def _entry_point(name: str, defaults: dict, command: str) -> list[str]:
 
 def mlproject() -> str:
     """The MLproject file: one entry point per preset (its parameters and defaults), then the other commands."""
+    from .config import PRESETS, RUN_PARAMS, make_config
+
     lines = ["# Generated from the presets in src/cnnlab/config.py: python -m cnnlab mlproject > MLproject",
              "name: cnnlab", "", "conda_env: conda.yaml", "", "entry_points:"]
     for name, preset in PRESETS.items():
@@ -122,12 +139,16 @@ def mlproject() -> str:
         command = f"python -m cnnlab train {name} " + " ".join(f"-P {p}={{{p}}}" for p in params)
         lines += _entry_point(name, {p: getattr(cfg, p) for p in params}, command)
     for name, (defaults, command) in COMMAND_ENTRY_POINTS.items():
+        defaults = {k: getattr(make_config("fmnist_cnn"), k) if v is None else v for k, v in defaults.items()}
         lines += _entry_point(name, defaults, command)
     return "\n".join(lines[:-1]) + "\n"
 
 
 def _train_epilog() -> str:
     """The experiments, and each dataset's options (-P NAME=VALUE), from the presets and the dataset registry."""
+    from . import data
+    from .config import PRESETS
+
     lines = ["experiments:", *(f"  {name:14} {preset.summary}" for name, preset in PRESETS.items()),
              "datasets (-P dataset=NAME) and their options:"]
     for name in data.names():
@@ -138,10 +159,10 @@ def _train_epilog() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run", epilog=_train_epilog(),
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run", epilog_from=_train_epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", help=", ".join(PRESETS))
+    p.add_argument("experiment", help="a preset of src/cnnlab/config.py (listed below)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. -P epochs=3 -P lr=1e-3")
     p.set_defaults(func=cmd_train)
