@@ -79,12 +79,13 @@ def _roc(probs, labels, classes, path: Path, prefix: str) -> dict[str, float]:
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss and accuracy per epoch, train against validation."""
+    """Loss and accuracy per epoch, train against validation (when there is a validation split)."""
     epochs = range(1, len(history) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key in zip(axes, ("loss", "accuracy")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
-        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        if f"val_{key}" in history[0]:
+            ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="validation")
         ax.set(xlabel="epoch", ylabel=key, title=key)
         ax.legend()
     fig.tight_layout()
