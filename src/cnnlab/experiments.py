@@ -33,9 +33,10 @@ def _run_tags(cfg: Config, splits: dict[str, Split]) -> dict[str, str]:
 
 
 def evaluate_split(model: Classifier, split: Split, cfg: Config, out_dir: Path, prefix: str,
-                   transform: Callable | None = None) -> dict[str, float]:
+                   transform: Callable | None = None, explain: bool = False) -> dict[str, float]:
     probs = predict(model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
-    return metrics_and_artifacts(probs.numpy(), split.labels.numpy(), split.classes, out_dir, prefix)
+    return metrics_and_artifacts(probs.numpy(), split.labels.numpy(), split.classes, out_dir, prefix,
+                                 images=split.images.numpy(), model=model if explain else None)
 
 
 def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, nested: bool = False,
@@ -123,7 +124,7 @@ def _final_evaluation(model: Classifier, cfg: Config, splits: dict[str, Split], 
         out = Path(tmp)
         results = {}
         for prefix in ("val", "test") if cfg.eval_test else ("val",):
-            results.update(evaluate_split(model, splits[prefix], cfg, out, prefix))
+            results.update(evaluate_split(model, splits[prefix], cfg, out, prefix, explain=prefix == "test"))
             if tta is not None:
                 results.update(evaluate_split(model, splits[prefix], cfg, out, f"{prefix}_tta", tta))
         plot_curves(history, out / "curves.png")
