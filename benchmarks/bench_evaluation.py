@@ -37,7 +37,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 
 def split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Over-confident predictions of about 62% accuracy (logits scaled by 3), labels drawn from the true model."""
+    """Over-confident predictions of about 52% accuracy (logits scaled by 3), labels drawn from the true model."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(0, 1.6, (n, CLASSES))
     true = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -111,13 +111,14 @@ def main() -> None:
                                                               temperature=temp), repeats)
         row("metrics_and_artifacts, one split (now)", t, "+ intervals, ECE, reliability, predictions")
         row("  baseline: its previous outputs only", t_base, "report, ROC, confusion matrices", "baseline")
-        for name, options in (("fer_cnn", {}), ("vgg_bn", {}), ("resnet18", {"in_chans": 1, "small_input": True})):
+        for label, name, options in (("fer_cnn", "fer_cnn", {}), ("vgg_bn", "vgg_bn", {}),
+                                     ("resnet18 small_input", "resnet18", {"in_chans": 1, "small_input": True})):
             model = Classifier(Preprocess(0.5, 0.25, 48), models.create(name, **options)).eval()
             t, _ = timed(lambda: evaluation.gradcam_confusions(model, images, labels, probs, names,
                                                                Path(tmp) / "grid.png"), repeats)
-            row(f"Grad-CAM grid, {name} (6 pairs x 4 images, test split only)", t, "")
+            row(f"Grad-CAM grid, {label} (6 pairs x 4 images, test split only)", t, "")
             t, _ = timed(lambda: explain(model, images[:1]), repeats)
-            row(f"explain, 1 image, {name}", t, "")
+            row(f"explain, 1 image, {label}", t, "")
     print(f"torch {torch.__version__}, 1 thread, median of {repeats}; {N_TEST} test images, {CLASSES} classes, "
           f"{RESAMPLES} resamples")
     print(table(rows, ("what", "ms", "result", "")))

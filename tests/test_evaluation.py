@@ -38,7 +38,7 @@ def test_accuracy_interval_covers_the_true_accuracy_about_95_percent_of_the_time
     assert 0.93 <= covered / reps <= 0.97, covered / reps
 
 
-def test_cell_bootstrap_matches_resampling_images():
+def test_drawing_cell_counts_matches_resampling_images():
     """Drawing cell counts is the same bootstrap as resampling images: the same interval up to Monte Carlo error."""
     labels, preds = noisy_predictions(600, 5, 0.6, seed=1)
     ours = stats.classification_intervals(labels, preds, 5, n_resamples=4000, seed=0, method="percentile")

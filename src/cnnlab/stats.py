@@ -53,25 +53,31 @@ def macro_f1(cm: np.ndarray) -> np.ndarray:
     return f1.mean(-1)
 
 
-def cell_bootstrap(counts: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray], n_resamples: int = RESAMPLES,
-                   seed: int = SEED, level: float = LEVEL, method: str = "bca") -> Interval:
-    """Bootstrap interval of `statistic` (maps counts of shape (..., *counts.shape) to (...)) over n = counts.sum()."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+def resample_cells(counts: np.ndarray, n_resamples: int = RESAMPLES, seed: int = SEED) -> np.ndarray:
+    """(n_resamples, *counts.shape) cell counts of n = counts.sum() images drawn with replacement."""
     if n_resamples < 100:
-        raise ValueError(f"n_resamples must be >= 100 for a {level:.0%} interval, got {n_resamples}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise ValueError(f"n_resamples must be >= 100, got {n_resamples}")
     flat = np.asarray(counts, dtype=np.int64).ravel()
     n = int(flat.sum())
     if n == 0:
         raise ValueError("no samples to bootstrap")
-    estimate = float(statistic(counts))
     draws = np.random.default_rng(seed).multinomial(n, flat / n, size=n_resamples)
-    boot = statistic(draws.reshape(n_resamples, *np.shape(counts)))
+    return draws.reshape(n_resamples, *np.shape(counts))
+
+
+def interval(counts: np.ndarray, draws: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
+             level: float = LEVEL, method: str = "bca") -> Interval:
+    """Bootstrap interval of `statistic` (maps counts (..., *counts.shape) to (...)) from resample_cells' draws."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    estimate = float(statistic(np.asarray(counts)))
+    boot = statistic(draws)
     tail = (1 - level) / 2
     quantiles = np.array([tail, 1 - tail])
     if method == "bca":
+        flat = np.asarray(counts, dtype=np.int64).ravel()
         quantiles = _bca_quantiles(boot, estimate, flat, statistic, np.shape(counts), quantiles)
     low, high = np.quantile(boot, quantiles)
     return Interval(estimate, float(low), float(high))
@@ -100,8 +106,9 @@ def classification_intervals(labels, preds, n_classes: int, n_resamples: int = R
                              level: float = LEVEL, method: str = "bca") -> dict[str, Interval]:
     """Bootstrap intervals for accuracy and macro F1 (the same resamples for both)."""
     cm = confusion_counts(labels, preds, n_classes)
-    return {name: cell_bootstrap(cm, fn, n_resamples, seed, level, method)
-            for name, fn in (("accuracy", accuracy), ("macro_f1", macro_f1))}
+    draws = resample_cells(cm, n_resamples, seed)
+    return {"accuracy": interval(cm, draws, accuracy, level, method),
+            "macro_f1": interval(cm, draws, macro_f1, level, method)}
 
 
 def mcnemar(correct_a, correct_b) -> dict:
@@ -139,7 +146,7 @@ def paired_comparison(labels, pred_a, pred_b, n_resamples: int = RESAMPLES, seed
     right_a, right_b = pred_a == labels, pred_b == labels
     test = mcnemar(right_a, right_b)
     cells = np.array([np.sum(right_a & right_b), test["a_only"], test["b_only"], np.sum(~right_a & ~right_b)])
-    diff = cell_bootstrap(cells, _paired_difference, n_resamples, seed, level)
+    diff = interval(cells, resample_cells(cells, n_resamples, seed), _paired_difference, level)
     return {"accuracy_a": float(right_a.mean()), "accuracy_b": float(right_b.mean()),
             "difference": diff.estimate, "difference_ci_low": diff.low, "difference_ci_high": diff.high,
             "level": level, **test}
