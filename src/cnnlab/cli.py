@@ -164,6 +164,16 @@ def _train_epilog() -> str:
     return "\n".join(lines)
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    options = {"n_resamples": args.resamples, "seed": args.seed, "alpha": args.alpha}
+    result = compare(args.run_a, args.run_b, args.split, **{k: v for k, v in options.items() if v is not None})
+    print(json.dumps(result, indent=2))
+    print(f"cnnlab compare: {result['summary']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -220,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("mlproject", help="print the MLproject file that the presets define (> MLproject)")
     p.set_defaults(func=cmd_mlproject)
+    p = sub.add_parser("compare", help="McNemar's test and a paired bootstrap interval: run B against run A, same images")
+    p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
+    p.add_argument("run_b", help="MLflow run ID of model B")
+    p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
+    p.add_argument("--resamples", type=_count, help="bootstrap resamples (default: 2000)")
+    p.add_argument("--seed", type=_count, help="bootstrap seed (default: 0)")
+    p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -109,8 +109,11 @@ def evaluate(trained: Trained, out_dir: Path) -> dict[str, float]:
         for suffix, transform in views.items():
             probs = predict(trained.model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
             trained.probabilities[name + suffix] = probs.numpy()
+            explain = name == "test" and transform is None  # Grad-CAM grid of the worst confusions: once per run
             trained.metrics.update(metrics_and_artifacts(trained.probabilities[name + suffix], split.labels.numpy(),
-                                                         split.classes, out_dir, name + suffix))
+                                                         split.classes, out_dir, name + suffix,
+                                                         images=split.images.numpy(),
+                                                         model=trained.model if explain else None))
     plot_curves(trained.history, out_dir / "curves.png")
     history = trained.history
     trained.metrics["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
