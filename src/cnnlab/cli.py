@@ -234,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
     p.add_argument("run_b", help="MLflow run ID of model B")
     p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
-    p.add_argument("--resamples", type=_count, help="bootstrap resamples (default: 2000)")
-    p.add_argument("--seed", type=_count, help="bootstrap seed (default: 0)")
+    p.add_argument("--resamples", type=_argument("int", least=1), help="bootstrap resamples (default: 2000)")
+    p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
     p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
     p.set_defaults(func=cmd_compare)
     return parser
