@@ -15,12 +15,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, throughput_and_accuracy  # noqa: E402
 
-from cnnlab.config import build, load_data, make_config  # noqa: E402
+from cnnlab import pipeline  # noqa: E402
+from cnnlab.config import make_config  # noqa: E402
 
-ROWS = [  # (name, experiment, overrides, claimed by the report)
-    ("custom CNN model1 (softmax into the loss)", "fer_cnn", {"variant": "model1", "epochs": 25}, "54.22%"),
-    ("custom CNN model2, best settings, 15 epochs", "fer_cnn", {"variant": "model2"}, "57.80%"),
-    ("ResNet-18 from scratch, 48 px", "fer_resnet18", {"weights": "none"}, "60.48% (224 px)"),
+ROWS = [  # (row of src/cnnlab/claims.yaml, changes to it)
+    ("fer_model1", {}),
+    ("fer_model2_best", {}),
+    ("fer_resnet18_scratch", {"image_size": 48}),
 ]
 MODELS = [("fer_cnn model2", "fer_cnn", {}), ("ResNet-18, 48 px", "fer_resnet18", {})]
 
@@ -39,10 +40,10 @@ def throughput_rows(images: int) -> list[tuple]:
     rows = []
     for name, experiment, params in MODELS:
         cfg = make_config(experiment, **{"limit": images, "batch_size": 32, **params})
-        split = load_data(cfg)["train"]
-        pre = build(cfg, split)[0].preprocess
+        split = pipeline.load_data(cfg)["train"]
+        pre = pipeline.build(cfg, split)[0].preprocess
         root = Path(os.environ["FER2013_DIR"])
-        rows.append(compare(name, lambda: build(cfg, split)[0], split,
+        rows.append(compare(name, lambda: pipeline.build(cfg, split)[0], split,
                             lambda: plain_loader(root, 32, pre.mean, pre.std, pre.size, pre.channels)))
     return rows
 

@@ -17,7 +17,7 @@ import mlflow
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab.config import coerce, make_config  # noqa: E402
+from cnnlab.config import make_config, parse_params  # noqa: E402
 from cnnlab.experiments import run  # noqa: E402
 
 CURVE_HEADER = ("epoch", "train min (cumulative)", "val acc", "train img/s", "lr")
@@ -60,8 +60,7 @@ def main() -> None:
     if not run_id:
         if not os.environ.get("FER2013_DIR"):
             parser.error("set FER2013_DIR to the FER2013 folder (train/ and test/)")
-        overrides = {k: coerce(k, v) for k, v in (p.split("=", 1) for p in args.params)}
-        run_id = run(make_config("fer_best", **overrides))["run_id"]
+        run_id = run(make_config("fer_best", **parse_params(args.params)))["run_id"]
     report(run_id, args.every)
 
 

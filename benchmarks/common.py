@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: tracked accuracy rows, and training throughput of cnnlab's loop against a plain DataLoader."""
+"""Shared by the benchmarks: tracked accuracy rows (claims.yaml's experiments, its figures beside them), and training
+throughput of cnnlab's loop against a plain DataLoader."""
 from __future__ import annotations
 
 import argparse
@@ -11,27 +12,42 @@ import torch.nn.functional as F
 
 from cnnlab.config import make_config
 from cnnlab.data import Split
+from cnnlab.devices import autocast
 from cnnlab.experiments import run
-from cnnlab.training import TrainConfig, autocast, fit
+from cnnlab.reproduce import load_claims
+from cnnlab.training import TrainConfig, fit
 
 ACCURACY_HEADER = ("experiment", "report", "test acc", "val acc", "train img/s", "train s", "run")
 
 
-def accuracy_rows(rows: list[tuple], extra: dict) -> list[tuple]:
-    """One tracked run per (name, experiment, overrides, claimed) row; `extra` overrides every row."""
+def claimed(name: str, changes: dict) -> tuple[str, str, str, dict]:
+    """claims.yaml's row `name` with `changes`: (label, the report's figure, experiment, its config overrides).
+
+    Where `changes` alter a setting the report states, the figure says which setting it was claimed at."""
+    (row,) = [r for e in load_claims() for r in e.rows if r.name == name]
+    figure = f"{row.claimed:.2f}%" if row.claimed is not None else "-"
+    stated = {k: v for k, v in row.params.items() if k in changes and changes[k] != v}
+    if stated and row.claimed is not None:
+        figure += " (" + ", ".join(f"{k}={v}" for k, v in stated.items()) + ")"
+    label = " ".join([name, *(f"{k}={v}" for k, v in changes.items())])
+    return label, figure, row.experiment, {**row.params, **changes}
+
+
+def accuracy_rows(rows: list[tuple[str, dict]], extra: dict) -> list[tuple]:
+    """One tracked run per (claims.yaml row, changes) pair; `extra` overrides every row."""
     out = []
-    for name, experiment, params, claimed in rows:
+    for name, changes in rows:
+        label, figure, experiment, params = claimed(name, changes)
         result = run(make_config(experiment, **{**params, **extra}))
-        out.append((name, claimed, f"{100 * result['test_accuracy']:.2f}%", f"{100 * result['val_accuracy']:.2f}%",
+        out.append((label, figure, f"{100 * result['test_accuracy']:.2f}%", f"{100 * result['val_accuracy']:.2f}%",
                     f"{result['train_images_per_s']:.0f}", f"{result['train_seconds']:.0f}", result["run_id"][:8]))
     return out
 
 
 def ours(model: torch.nn.Module, split: Split, batch_size: int, precision: str) -> float:
-    """Images/s of one epoch of cnnlab's training loop over `split` (validation on 2 images only)."""
+    """Images/s of one epoch of cnnlab's training loop over `split` (no validation)."""
     cfg = TrainConfig(epochs=1, batch_size=batch_size, precision=precision, device="cpu")
-    tiny_val = split.subset(torch.arange(2))
-    return fit(model, split, tiny_val, cfg)[0]["train_images_per_s"]
+    return fit(model, split, None, cfg)[0]["train_images_per_s"]
 
 
 def plain(model: torch.nn.Module, loader, steps: int, precision: str) -> float:

@@ -14,48 +14,38 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import time
 from pathlib import Path
 
 import yaml
 
+from cnnlab import devices
+
 
 def run_job(name: str, experiment: str, overrides: dict, out: Path, threads: int, probe: bool = False) -> dict:
     import torch
 
-    from cnnlab.augment import batch_augment, tta_views
-    from cnnlab.config import build, freeze_schedule, load_data, make_config
-    from cnnlab.evaluation import metrics_and_artifacts
-    from cnnlab.training import fit, predict
+    from cnnlab import devices, pipeline
+    from cnnlab.config import make_config
 
     torch.set_num_threads(threads)
     cfg = make_config(experiment, **overrides)
-    cfg.validate()
     start = time.time()
-    splits = load_data(cfg)
-    model, _ = build(cfg, splits["train"])
+    trained = pipeline.prepare(cfg)
     record = {"job": name, "experiment": experiment, "config": dataclasses.asdict(cfg), "history": [],
-              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+              "device": devices.device_name(devices.resolve_device(cfg.device))}
     path = out / f"{name}.json"
 
     def save(epoch: int, metrics: dict) -> None:
         record["history"].append({**metrics, "wall_seconds": time.time() - start})
         path.write_text(json.dumps(record, indent=1))
 
-    history = fit(model, splits["train"], splits["val"], dataclasses.replace(cfg, epochs=cfg.total_epochs()),
-                  augment=batch_augment(cfg), epoch_hook=freeze_schedule(cfg), on_epoch_end=save)
+    pipeline.train(trained, on_epoch_end=save)
     if probe:
         return record
-    views = {"": None, "_tta": tta_views(cfg.tta)} if cfg.tta != "none" else {"": None}
-    for split in ("val", "test"):
-        for suffix, transform in views.items():
-            probs = predict(model, splits[split].images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
-            m = metrics_and_artifacts(probs.numpy(), splits[split].labels.numpy(), splits[split].classes,
-                                      out / "plots", f"{name}_{split}{suffix}")
-            record[f"{split}{suffix}_accuracy"] = m[f"{name}_{split}{suffix}_accuracy"]
+    metrics = pipeline.evaluate(trained, out / "evaluation" / name)
+    record.update({k: v for k, v in metrics.items() if k.endswith("_accuracy") or k == "train_images_per_s"})
     record["wall_seconds"] = time.time() - start
-    record["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
     path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -96,11 +86,12 @@ def main() -> None:
     parser.add_argument("jobs", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 8))
+    parser.add_argument("--threads", type=int, default=0, help="per job (default: this machine's threads / --parallel)")
     parser.add_argument("--only", default="", help="comma-separated job names")
     parser.add_argument("--quick", action="store_true", help="1 epoch on 300 images per job: a smoke check")
     parser.add_argument("--fit-seconds", type=float, default=0, help="cap each job's epochs to end within this time")
     args = parser.parse_args()
+    args.threads = args.threads or devices.threads_per_worker(args.parallel)
     jobs = yaml.safe_load(args.jobs.read_text())
     names = [n for n in jobs if not args.only or n in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -115,9 +106,13 @@ def main() -> None:
         if "error" in r:
             print(f"{r['job']:24} error: {r['error']}")
             continue
-        tta = r.get("test_tta_accuracy")
-        print(f"{r['job']:24} {len(r['history']):6d} {r['val_accuracy']:8.4f} {r['test_accuracy']:8.4f} "
-              f"{(f'{tta:.4f}' if tta is not None else '-'):>8} {r['train_images_per_s']:8.0f} {r['wall_seconds']:7.0f}")
+        val, test, tta = (_figure(r.get(f"{k}_accuracy")) for k in ("val", "test", "test_tta"))
+        print(f"{r['job']:24} {len(r['history']):6d} {val:>8} {test:>8} {tta:>8} {r['train_images_per_s']:8.0f} "
+              f"{r['wall_seconds']:7.0f}")
+
+
+def _figure(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "-"
 
 
 if __name__ == "__main__":

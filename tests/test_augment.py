@@ -14,7 +14,7 @@ def batch(n=16):
 
 def test_standard_augmentation_is_seeded_and_keeps_shapes():
     x, y = batch()
-    augment = batch_augment(make_config("fer_best"))
+    augment = batch_augment(make_config("fer_best"), num_classes=7)
     a, ta = augment(x, y, torch.Generator().manual_seed(1))
     b, tb = augment(x, y, torch.Generator().manual_seed(1))
     c, _ = augment(x, y, torch.Generator().manual_seed(2))

@@ -13,7 +13,7 @@ TTA = ("none", "flip", "tencrop")
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, flip: bool, max_shift: float, max_deg: float,
                   scale: tuple[float, float]) -> torch.Tensor:
-    """Per-image random flip, translation, rotation and scale in one grid_sample; uint8 (N,H,W) -> float 0-1 (N,1,H,W)."""
+    """Per-image random flip, translation, rotation and scale in one grid_sample; uint8 -> float 0-1 (N, C, H, W)."""
     n, dev = len(x), x.device
     rand = torch.rand((n, 5), generator=gen, device=dev)
     angle = (rand[:, 0] * 2 - 1) * math.radians(max_deg)
@@ -23,9 +23,14 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, flip: bool, max_shift: 
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
     theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0]], 1),
                          torch.stack([sin * sign, cos, shift[:, 1]], 1)], 1)
-    img = x.unsqueeze(1).float() / 255.0
+    img = to_float(x)
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) grayscale or (N, C, H, W) color -> float 0-1 (N, C, H, W)."""
+    return (x.unsqueeze(1) if x.dim() == 3 else x).float() / 255.0
 
 
 def random_erasing(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, area: tuple[float, float] = (0.02, 0.2)) -> torch.Tensor:
@@ -67,11 +72,11 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, gen
     return x, (1 - area) * target + area * target[perm]
 
 
-def batch_augment(cfg) -> Callable | None:
-    """The training-time augmentation that `cfg.augment` and `cfg.mixup` name, as fn(x_uint8, y, gen) -> (x, target)."""
+def batch_augment(cfg, num_classes: int) -> Callable | None:
+    """The training-time augmentation that `cfg.augment`, `cfg.mixup` and `cfg.cutmix` name, as
+    fn(x_uint8, y, gen) -> (x, target); mixed targets are distributions over the data's `num_classes`."""
     if cfg.augment == "none" and cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
-    num_classes = cfg.classes
 
     def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
         if cfg.augment == "flip":
@@ -79,7 +84,7 @@ def batch_augment(cfg) -> Callable | None:
         elif cfg.augment == "standard":
             x = random_erasing(random_affine(x, gen, flip=True, max_shift=0.1, max_deg=10.0, scale=(0.9, 1.1)), gen)
         else:
-            x = x.unsqueeze(1).float() / 255.0
+            x = to_float(x)
         if cfg.mixup > 0:
             return mixup(x, y, num_classes, cfg.mixup, gen)
         if cfg.cutmix > 0:

@@ -1,42 +1,57 @@
-"""`cnnlab <command>`: the only place that parses arguments."""
+"""`cnnlab <command>`: the only place that parses arguments, and the MLproject entry points that call it."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
+import yaml
 
-def _params(pairs: list[str]) -> dict:
-    from .experiments import coerce
+# the config (and with it torch) loads only for the commands and help texts that need it: `cnnlab stack` starts fast
 
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"parameter {pair!r} must be KEY=VALUE")
-        key, value = pair.split("=", 1)
-        out[key] = coerce(key, value)
-    return out
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose epilog is computed when help is printed."""
+
+    def __init__(self, *args, epilog_from=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epilog_from = epilog_from
+
+    def format_help(self) -> str:
+        self.epilog = self.epilog_from() if self.epilog_from else self.epilog
+        return super().format_help()
+
+
+def _argument(kind: str, least: int | None = None):
+    """An argparse type from the config's value parser: a bool, or a count of at least `least`."""
+    def parse(text: str):
+        from .config import parse_text
+
+        try:
+            value = parse_text(kind, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if least is not None and value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return value
+    return parse
 
 
 def cmd_train(args) -> int:
-    from .experiments import make_config, run
+    from .config import make_config, parse_params
+    from .experiments import run
 
-    result = run(make_config(args.experiment, **_params(args.param)))
+    result = run(make_config(args.experiment, **parse_params(args.param)))
     print(json.dumps(result, indent=2))
     return 0
 
 
-def _flag(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def cmd_reproduce(args) -> int:
+    from .config import parse_params
     from .reproduce import reproduce
 
     only = [name for item in args.only for name in item.split(",") if name]
-    result = reproduce(quick=args.quick, only=only, overrides=_params(args.param), out=args.out)
+    result = reproduce(quick=args.quick, only=only, overrides=parse_params(args.param), out=args.out)
     print(json.dumps({k: result[k] for k in ("markdown", "html", "parent_run_id")}, indent=2))
     return 0
 
@@ -93,36 +108,112 @@ def cmd_register(args) -> int:
     return 0
 
 
-def _count(text: str) -> int:
-    """A count from the command line; MLproject float parameters arrive as "4.0"."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value < 0 or not value.is_integer():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(value)
-
-
 def cmd_tune(args) -> int:
+    from .config import parse_params
     from .tuning import load_spec, tune
 
-    params = _params(args.param + args.params.split())
+    params = parse_params(args.param + args.params.split())
     spec = load_spec(args.space, params, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials)
     print(json.dumps(tune(spec, workers=args.workers, final=args.final), indent=2, default=str))
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import serve
+
+    serve(args.model_url, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
+    return 0
+
+
+def cmd_mlproject(args) -> int:
+    print(mlproject(), end="")
+    return 0
+
+
+# the entry points besides the experiments': parameter defaults (None: the Config field's) and the command line
+COMMAND_ENTRY_POINTS = {
+    "reproduce": ({"quick": False, "only": "", "out": "reports", "device": None, "precision": None},
+                  "python -m cnnlab reproduce --quick {quick} --only {only} --out {out} -P device={device} "
+                  "-P precision={precision}"),
+    "register": ({"experiment": "", "study": "", "name": ""},
+                 "python -m cnnlab register {experiment} --study {study} --name {name}"),
+    "tune": ({"space": "tuning/fmnist_cnn.yaml", "storage": "", "study_name": "", "n_trials": 0, "workers": 1,
+              "params": "", "final": True},
+             "python -m cnnlab tune {space} --storage {storage} --study-name {study_name} --n-trials {n_trials} "
+             "--workers {workers} --params {params} --final {final}"),
+}
+
+
+def _parameter(default) -> str:
+    """An MLproject parameter: numbers are floats (ints arrive as "3.0"), the rest text, quoted where YAML would
+    read it as something else."""
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        return f"{{type: float, default: {default}}}"
+    text = str(default).lower() if isinstance(default, bool) else default
+    return f"{{type: string, default: {text if text and yaml.safe_load(text) == text else json.dumps(text)}}}"
+
+
+def _entry_point(name: str, defaults: dict, command: str) -> list[str]:
+    lines = [f"  {name}:", "    parameters:", *(f"      {key}: {_parameter(v)}" for key, v in defaults.items())]
+    folded = [""]
+    for word in command.split(" "):  # fold at -P / -- options, never inside one
+        if word.startswith("-") and len(folded[-1]) > 90:
+            folded.append("")
+        folded[-1] = f"{folded[-1]} {word}".strip()
+    return lines + ["    command: >-", *(f"      {line}" for line in folded), ""]
+
+
+def mlproject() -> str:
+    """The MLproject file: one entry point per preset (its parameters and defaults), then the other commands."""
+    from .config import PRESETS, RUN_PARAMS, make_config
+
+    lines = ["# Generated from the presets in src/cnnlab/config.py: python -m cnnlab mlproject > MLproject",
+             "name: cnnlab", "", "conda_env: conda.yaml", "", "entry_points:"]
+    for name, preset in PRESETS.items():
+        cfg = make_config(name)
+        params = preset.params + RUN_PARAMS
+        command = f"python -m cnnlab train {name} " + " ".join(f"-P {p}={{{p}}}" for p in params)
+        lines += _entry_point(name, {p: getattr(cfg, p) for p in params}, command)
+    for name, (defaults, command) in COMMAND_ENTRY_POINTS.items():
+        defaults = {k: getattr(make_config("fmnist_cnn"), k) if v is None else v for k, v in defaults.items()}
+        lines += _entry_point(name, defaults, command)
+    return "\n".join(lines[:-1]) + "\n"
+
+
+def _train_epilog() -> str:
+    """The experiments, and each dataset's options (-P NAME=VALUE), from the presets and the dataset registry."""
+    from . import data
+    from .config import PRESETS
+
+    lines = ["experiments:", *(f"  {name:14} {preset.summary}" for name, preset in PRESETS.items()),
+             "datasets (-P dataset=NAME) and their options:"]
+    for name in data.names():
+        options = [o.name + (f" {'|'.join(map(str, o.allowed))}" if o.allowed else "") for o in data.get(name).options]
+        lines.append(f"  {name:14} {', '.join(options) or 'none'}")
+    return "\n".join(lines)
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    options = {"n_resamples": args.resamples, "seed": args.seed, "alpha": args.alpha}
+    result = compare(args.run_a, args.run_b, args.split, **{k: v for k, v in options.items() if v is not None})
+    print(json.dumps(result, indent=2))
+    print(f"cnnlab compare: {result['summary']}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run")
-    p.add_argument("experiment", help="fmnist_cnn, fmnist_mlp, fer_cnn, fer_resnet18, fer_best")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run", epilog_from=_train_epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiment", help="a preset of src/cnnlab/config.py (listed below)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. -P epochs=3 -P lr=1e-3")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("reproduce", help="run every experiment of the reports and write claimed vs measured")
-    p.add_argument("--quick", nargs="?", type=_flag, const=True, default=False, metavar="BOOL",
+    p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                    help="run only these rows (an experiment, or one grid combination like fer_grid/dropout=0.3/lr=0.001)")
@@ -175,32 +266,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="", help="Optuna RDB URL (default: the YAML's, else sqlite:///optuna.db); "
                    "postgresql://USER@HOST/DB for several workers or machines")
     p.add_argument("--study-name", default="", help="default: the YAML's study_name, else its file name")
-    p.add_argument("--n-trials", type=_count, default=0, help="trials the study should have in total (0: the YAML's)")
-    p.add_argument("--workers", type=_count, default=1, help="worker processes on this machine (>1 needs PostgreSQL)")
+    p.add_argument("--n-trials", type=_argument("int", least=0), default=0, help="trials the study should have in total (0: the YAML's)")
+    p.add_argument("--workers", type=_argument("int", least=0), default=1, help="worker processes on this machine (>1 needs PostgreSQL)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field in every trial and the final run, e.g. -P limit=300 -P device=cuda")
     p.add_argument("--params", default="", metavar="'KEY=VALUE ...'",
                    help="the same as -P, space-separated in one argument (for MLproject)")
-    p.add_argument("--final", nargs="?", type=_flag, const=True, default=True, metavar="BOOL",
+    p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("demo", help="a page to try a served model: upload a photo or use the webcam, see each face's "
+                       "emotion and probabilities")
+    p.add_argument("--model-url", default="http://127.0.0.1:5000",
+                   help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="(default: 8080)")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request forwarded to the model (default: 16)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("mlproject", help="print the MLproject file that the presets define (> MLproject)")
+    p.set_defaults(func=cmd_mlproject)
+    p = sub.add_parser("compare", help="McNemar's test and a paired bootstrap interval: run B against run A, same images")
+    p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
+    p.add_argument("run_b", help="MLflow run ID of model B")
+    p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
+    p.add_argument("--resamples", type=_argument("int", least=1), help="bootstrap resamples (default: 2000)")
+    p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
+    p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlflow.exceptions import MlflowException
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except MlflowException as e:
-        from .tracking import access_error
-
-        denied = access_error(f"{e.error_code} {e}")
+    except Exception as e:
+        mlflow_errors = sys.modules.get("mlflow.exceptions")  # not imported: not MLflow's error (cnnlab stack stays fast)
+        denied = None
+        if mlflow_errors and isinstance(e, mlflow_errors.MlflowException):
+            from .tracking import access_error
+            denied = access_error(f"{e.error_code} {e}")
         if denied is None:
             raise
         print(f"cnnlab {args.command}: error: {denied}", file=sys.stderr)

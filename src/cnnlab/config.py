@@ -1,28 +1,23 @@
-"""Experiments as configuration: one Config, presets per entry point, and building a model from them."""
+"""Experiments as data: the Config schema, each experiment's preset (its one definition), and the -P value parser."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Callable
 
-import torch
-
-from . import models
-from .data import Split, load_splits
-from .preprocess import Classifier, Preprocess, pixel_stats
+from . import data, models
+from .augment import AUGMENTS, TTA
 from .training import TrainConfig
 
+DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
+
+
 @dataclass
-class Config(TrainConfig):
+class Config(DataOptions, TrainConfig):
     experiment: str = "fmnist_cnn"
     dataset: str = "fmnist"
     data_dir: str = ""
     model: str = "fmnist_cnn"
-    classes: int = 3
-    permute: bool = False
-    permute_seed: int = 0
     variant: str = "model2"
     dropout: float = 0.5
     weights: str = "none"
@@ -37,25 +32,22 @@ class Config(TrainConfig):
     mixup: float = 0.0
     cutmix: float = 0.0
     tta: str = "none"
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # 0: no validation split, train on all of train
     limit: int = 0
-    on_bad: str = "error"
-    test_split: str = "public"
     log_model: bool = True
     eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
     run_name: str = ""
 
     def validate(self) -> None:
         super().validate()
-        from .augment import AUGMENTS, TTA
-
-        checks = [("experiment", self.experiment, PRESETS), ("model", self.model, models.names()),
-                  ("freeze", self.freeze, models.FREEZE_STAGES), ("augment", self.augment, AUGMENTS),
-                  ("tta", self.tta, TTA), ("head", self.head, models.HEADS), ("in_chans", self.in_chans, (1, 3)),
-                  ("on_bad", self.on_bad, ("error", "skip"))]
+        checks = [("experiment", self.experiment, PRESETS), ("dataset", self.dataset, data.names()),
+                  ("model", self.model, models.names()), ("freeze", self.freeze, models.FREEZE_STAGES),
+                  ("augment", self.augment, AUGMENTS), ("tta", self.tta, TTA), ("head", self.head, models.HEADS),
+                  ("in_chans", self.in_chans, (1, 3))]
         for name, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        self._validate_data()
         if self.freeze != "none" and self.model != "resnet18":
             raise ValueError(f"freeze={self.freeze!r} applies to resnet18 only, not {self.model!r}")
         if self.mixup > 0 and self.cutmix > 0:
@@ -64,6 +56,17 @@ class Config(TrainConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_size and not 16 <= self.image_size <= 512:
             raise ValueError(f"image_size must be 0 (native) or 16..512, got {self.image_size}")
+
+    def _validate_data(self) -> None:
+        dataset = data.get(self.dataset)
+        dataset.check(dataset.options_from(self))
+        if dataset.channels > 1 and self.in_chans != dataset.channels:
+            raise ValueError(f"dataset {self.dataset} has {dataset.channels}-channel images: in_chans must be "
+                             f"{dataset.channels}, got {self.in_chans}")
+        needs_val = {"schedule=plateau": self.schedule == "plateau", "eval_test=false": not self.eval_test}
+        for setting, used in needs_val.items():
+            if used and self.val_fraction == 0:
+                raise ValueError(f"{setting} relies on validation accuracy: it needs val_fraction > 0")
 
     def total_epochs(self) -> int:
         return self.epochs + (self.unfreeze_epochs if self.freeze != "none" else 0)
@@ -82,16 +85,42 @@ class Config(TrainConfig):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-PRESETS: dict[str, dict] = {
-    "fmnist_cnn": dict(dataset="fmnist", model="fmnist_cnn", epochs=10, batch_size=64, lr=1e-3, dropout=0.5),
-    "fmnist_mlp": dict(dataset="fmnist", model="mlp", epochs=10, batch_size=64, lr=1e-3, dropout=0.2),
-    "fer_cnn": dict(dataset="fer2013", model="fer_cnn", classes=7, variant="model2", dropout=0.3, lr=1e-3,
-                    batch_size=32, optimizer="adam", epochs=15),
-    "fer_resnet18": dict(dataset="fer2013", model="resnet18", classes=7, in_chans=3, image_size=48, weights="none",
-                         dropout=0.0, lr=1e-3, batch_size=64, optimizer="adam", epochs=20),
-    "fer_best": dict(dataset="fer2013", model="vgg_bn", classes=7, dropout=0.4, width=64, lr=0.05, batch_size=128,
-                     optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                     warmup_epochs=1.0, label_smoothing=0.1, augment="standard", tta="tencrop", epochs=60),
+@dataclass(frozen=True)
+class Preset:
+    """One experiment: what it is (for --help), its settings over Config's defaults, and its MLproject parameters."""
+    summary: str
+    settings: dict
+    params: tuple[str, ...]  # the entry point's parameters besides RUN_PARAMS, in command-line order
+
+
+RUN_PARAMS = ("seed", "limit", "precision", "data_dir")  # every experiment entry point ends with these
+FMNIST_PARAMS = ("classes", "permute", "permute_seed", "epochs", "batch_size", "lr", "dropout")
+
+PRESETS: dict[str, Preset] = {
+    "fmnist_cnn": Preset(
+        "the Fashion-MNIST report's CNN: 3 classes (or 10), plain or permuted pixels",
+        dict(dataset="fmnist", model="fmnist_cnn", epochs=10, batch_size=64, lr=1e-3, dropout=0.5), FMNIST_PARAMS),
+    "fmnist_mlp": Preset(
+        "permutation-invariant MLP control on the same inputs",
+        dict(dataset="fmnist", model="mlp", epochs=10, batch_size=64, lr=1e-3, dropout=0.2), FMNIST_PARAMS),
+    "fer_cnn": Preset(
+        "the FER2013 report's custom CNN: variant=model1 feeds a softmax into the loss, model2 logits",
+        dict(dataset="fer2013", model="fer_cnn", variant="model2", dropout=0.3, lr=1e-3, batch_size=32,
+             optimizer="adam", epochs=15),
+        ("variant", "dropout", "lr", "batch_size", "optimizer", "weight_decay", "epochs", "on_bad")),
+    "fer_resnet18": Preset(
+        "torchvision's ResNet-18 on FER2013, from scratch or fine-tuned with layer freezing",
+        dict(dataset="fer2013", model="resnet18", in_chans=3, image_size=48, weights="none", dropout=0.0, lr=1e-3,
+             batch_size=64, optimizer="adam", epochs=20),
+        ("weights", "in_chans", "image_size", "freeze", "unfreeze_epochs", "lr", "batch_size", "optimizer",
+         "weight_decay", "epochs")),
+    "fer_best": Preset(
+        "VGG-style net with BatchNorm on FER2013: batch augmentation, label smoothing, SGD+Nesterov, cosine, "
+        "ten-crop TTA",
+        dict(dataset="fer2013", model="vgg_bn", dropout=0.4, width=64, lr=0.05, batch_size=128, optimizer="sgd",
+             nesterov=True, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0,
+             label_smoothing=0.1, augment="standard", tta="tencrop", epochs=60),
+        ("model", "width", "head", "epochs", "batch_size", "lr", "mixup", "cutmix", "tta")),
 }
 
 
@@ -102,61 +131,45 @@ def make_config(experiment: str, **overrides) -> Config:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {experiment}; known: {sorted(known)}")
-    return Config(**{**PRESETS[experiment], **overrides, "experiment": experiment})
+    return Config(**{**PRESETS[experiment].settings, **overrides, "experiment": experiment})
 
 
-def coerce(name: str, text: str):
-    """Parse a command-line value to the type of Config field `name`; errors name the field and value."""
-    types = {f.name: f.type for f in fields(Config)}
+def field_types() -> dict[str, str]:
+    """Config field -> its type's name: bool, int, float or str."""
+    return {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(Config)}
+
+
+def parse_text(kind: str, text: str):
+    """Text as a bool, int, float or str; ints may arrive as "3.0" (MLproject passes numbers as floats)."""
+    if kind == "bool" and text.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return text.lower() in ("true", "1", "yes")
+    try:
+        if kind == "int" and float(text).is_integer():
+            return int(float(text))
+        if kind in ("float", "str"):
+            return float(text) if kind == "float" else text
+    except ValueError:
+        pass
+    raise ValueError(f"{text!r} is not a valid {kind}")
+
+
+def parse_value(name: str, text: str):
+    """A command-line value as the type of Config field `name`; errors name the field and value."""
+    types = field_types()
     if name not in types:
         raise ValueError(f"unknown parameter {name!r}; known: {sorted(types)}")
-    kind = types[name]
     try:
-        if kind == "bool":
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if kind == "int":
-            value = float(text)  # MLproject float params arrive as "3.0"
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        return {"float": float, "str": str}[kind](text)
+        return parse_text(types[name], text)
     except ValueError:
-        raise ValueError(f"parameter {name}={text!r} is not a valid {kind}") from None
+        raise ValueError(f"parameter {name}={text!r} is not a valid {types[name]}") from None
 
 
-def model_spec(cfg: Config, num_classes: int, image_size: int) -> dict:
-    """The model factory's arguments, taken from the config by the factory's own parameter names."""
-    params = inspect.signature(models._REGISTRY[cfg.model]).parameters
-    values = {**asdict(cfg), "num_classes": num_classes, "image_size": image_size}
-    return {"name": cfg.model, **{k: values[k] for k in params if k in values}}
-
-
-def build(cfg: Config, train: Split) -> tuple[Classifier, dict]:
-    torch.manual_seed(cfg.seed)  # initial weights depend on the seed alone
-    image_size = cfg.image_size or train.images.shape[-1]
-    mean, std = pixel_stats(train.images)
-    spec = model_spec(cfg, len(train.classes), image_size)
-    net = models.create(**spec)
-    return Classifier(Preprocess(mean, std, image_size, cfg.in_chans), net), spec
-
-
-def freeze_schedule(cfg: Config) -> Callable | None:
-    if cfg.freeze == "none":
-        return None
-
-    def hook(epoch: int, model: Classifier) -> None:
-        models.freeze_resnet(model.net, cfg.freeze if epoch < cfg.epochs else "none")
-    return hook
-
-
-def load_data(cfg: Config) -> dict[str, Split]:
-    """The config's train / val / test splits; decoding is cached, so a second call is cheap."""
-    return load_splits(cfg.dataset, cfg.data_dir or None, cfg.val_fraction, cfg.seed, cfg.limit, **_data_options(cfg))
-
-
-def _data_options(cfg: Config) -> dict:
-    if cfg.dataset == "fmnist":
-        return {"classes": cfg.classes, "permute": cfg.permute, "permute_seed": cfg.permute_seed}
-    return {"on_bad": cfg.on_bad, "test_split": cfg.test_split}
+def parse_params(pairs: list[str]) -> dict:
+    """KEY=VALUE texts (`-P` options) -> typed Config overrides."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"parameter {pair!r} must be KEY=VALUE")
+        key, value = pair.split("=", 1)
+        out[key] = parse_value(key, value)
+    return out

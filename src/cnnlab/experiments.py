@@ -1,7 +1,6 @@
-"""run(config): one experiment as one MLflow run, tying data, model, training loop, evaluation and tracking."""
+"""run(config): one experiment as one MLflow run: the pipeline, with tracking around it."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -10,14 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 import mlflow
-import torch
 
-from . import models, tracking
-from .config import Config, PRESETS, build, coerce, freeze_schedule, load_data, make_config  # noqa: F401
-from .data import Split
-from .evaluation import metrics_and_artifacts, plot_curves
-from .preprocess import Classifier
-from .training import fit, predict
+from . import models, pipeline, tracking
+from .config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
+from .training import Checkpoint
 
 CHECKPOINT_ROOT = Path(".cnnlab") / "checkpoints"
 
@@ -26,28 +21,16 @@ def _checkpoint_dir(cfg: Config) -> Path:
     return CHECKPOINT_ROOT / f"{cfg.experiment}-{cfg.digest()}"
 
 
-def _run_tags(cfg: Config, splits: dict[str, Split]) -> dict[str, str]:
-    return {"experiment": cfg.experiment, "model": cfg.model, "dataset": cfg.dataset,
-            "dataset_digest": splits["train"].digest, "config_digest": cfg.digest(), "seed": str(cfg.seed),
-            **tracking.git_info()}
-
-
-def evaluate_split(model: Classifier, split: Split, cfg: Config, out_dir: Path, prefix: str,
-                   transform: Callable | None = None) -> dict[str, float]:
-    probs = predict(model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
-    return metrics_and_artifacts(probs.numpy(), split.labels.numpy(), split.classes, out_dir, prefix)
-
-
 def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, nested: bool = False,
         run_id: str | None = None) -> dict:
     """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics.
 
-    A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config after a crash resumes
-    the same MLflow run at the next epoch.
+    A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
+    resumes the same MLflow run at the next epoch.
     """
     tracking.init_tracking(cfg.experiment)
     ckpt_dir = _checkpoint_dir(cfg)
-    previous = None if nested else _interrupted_run(ckpt_dir)
+    previous = None if nested else _interrupted_run(ckpt_dir, cfg)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or cfg.label()
     with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment}) as active:
@@ -56,50 +39,55 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
             ckpt_dir = CHECKPOINT_ROOT / f"run-{active.info.run_id}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
-        _carry_over(ckpt_dir / "last.pt", active.info.run_id, previous)
-        # `mlflow run` has already logged its entry-point params as typed on the command line: keep those
-        logged = mlflow.get_run(active.info.run_id).data.params
-        mlflow.log_params({k: v for k, v in asdict(cfg).items() if k not in logged})
-        mlflow.log_dict(asdict(cfg), "config.json")
-        splits = load_data(cfg)
-        mlflow.set_tags(_run_tags(cfg, splits))
-        for context, split in splits.items():
-            tracking.log_split(split, context)
-        mlflow.log_dict({"sizes": {k: len(s) for k, s in splits.items()}, "classes": splits["train"].classes,
-                         **splits["train"].summary}, "data_summary.json")
-        if cfg.permute:
-            from .data.fmnist import permutation
-            mlflow.log_dict({"seed": cfg.permute_seed, "permutation": permutation(cfg.permute_seed).tolist()},
-                            "permutation.json")
-        model, spec = build(cfg, splits["train"])
-        mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std,
-                           "model_parameters": models.count_parameters(model)})
+        _log_config(cfg, active.info.run_id)
+        trained = pipeline.prepare(cfg)
+        _log_data(trained)
+        _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
 
         def log_epoch(epoch: int, metrics: dict) -> None:
             mlflow.log_metrics(metrics, step=epoch + 1)
             if on_epoch_end:
                 on_epoch_end(epoch, metrics)
-
-        from .augment import batch_augment, tta_views
-        train_cfg = dataclasses.replace(cfg, epochs=cfg.total_epochs())
-        history = fit(model, splits["train"], splits["val"], train_cfg, augment=batch_augment(cfg),
-                      epoch_hook=freeze_schedule(cfg), on_epoch_end=log_epoch, checkpoint=ckpt_dir / "last.pt")
-        results = _final_evaluation(model, cfg, splits, history, tta_views(cfg.tta))
+        pipeline.train(trained, on_epoch_end=log_epoch, checkpoint_path=ckpt_dir / "last.pt")
+        results = _evaluate_and_log(trained)
         if cfg.log_model:
-            example = splits["test"].images[:2].numpy()
-            tracking.log_model(model.cpu(), spec, splits["train"].classes, example)
+            example = trained.splits["test"].images[:2].numpy()
+            tracking.log_model(trained.model.cpu(), trained.spec, trained.classes, example)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         return {"run_id": active.info.run_id, **results}
 
 
-def _interrupted_run(ckpt_dir: Path) -> str | None:
-    """The run that an interrupted training of this config belongs to; a stale checkpoint is dropped."""
+def _log_config(cfg: Config, run_id: str) -> None:
+    # `mlflow run` has already logged its entry-point params as typed on the command line: keep those
+    logged = mlflow.get_run(run_id).data.params
+    mlflow.log_params({k: v for k, v in asdict(cfg).items() if k not in logged})
+    mlflow.log_dict(asdict(cfg), "config.json")
+
+
+def _log_data(trained: pipeline.Trained) -> None:
+    """Tags, the splits as MLflow datasets, their summary, the dataset's own records, and the preprocessing."""
+    cfg, splits, model = trained.cfg, trained.splits, trained.model
+    mlflow.set_tags({"experiment": cfg.experiment, "model": cfg.model, "dataset": cfg.dataset,
+                     "dataset_digest": splits["train"].digest, "config_digest": cfg.digest(), "seed": str(cfg.seed),
+                     **tracking.git_info()})
+    for context, split in splits.items():
+        tracking.log_split(split, context)
+    mlflow.log_dict({"sizes": {k: len(s) for k, s in splits.items()}, "classes": trained.classes,
+                     **splits["train"].summary}, "data_summary.json")
+    for file_name, record in pipeline.data_records(cfg).items():
+        mlflow.log_dict(record, file_name)
+    mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std,
+                       "model_parameters": models.count_parameters(model)})
+
+
+def _interrupted_run(ckpt_dir: Path, cfg: Config) -> str | None:
+    """The run that an interrupted training of this config on this data belongs to; a stale checkpoint is dropped."""
     path = ckpt_dir / "run_id"
     if not path.exists():
         return None
     run_id = path.read_text().strip()
     try:
-        if mlflow.get_run(run_id).info.status != "FINISHED":
+        if mlflow.get_run(run_id).info.status != "FINISHED" and _checkpoint_fits(ckpt_dir / "last.pt", cfg):
             return run_id
     except mlflow.exceptions.MlflowException:
         pass  # the run is gone (another tracking store): its checkpoint cannot be attributed
@@ -107,31 +95,35 @@ def _interrupted_run(ckpt_dir: Path) -> str | None:
     return None
 
 
-def _carry_over(checkpoint: Path, run_id: str, previous_run: str | None) -> None:
-    """Resuming: log the checkpointed epochs' metrics that the run lacks (a crash between a checkpoint and its
+def _checkpoint_fits(path: Path, cfg: Config) -> bool:
+    """False for a checkpoint that can never resume this run (corrupt, or of other data): it is discarded."""
+    if not path.exists():
+        return True  # interrupted before its first epoch ended: the run goes on from the start
+    try:
+        splits = pipeline.load_data(cfg)
+    except ValueError:
+        return True  # the resumed run will fail on the same error and record it
+    return pipeline.checkpoint(cfg, splits, path).load() is not None
+
+
+def _carry_over(checkpoint: Checkpoint, run_id: str, previous_run: str | None) -> None:
+    """Resuming: log the checkpointed epochs' metrics that the run lacks (killed between a checkpoint and its
     metrics; another run's checkpoint under `mlflow run`), so the run is complete and has each epoch once."""
-    if not checkpoint.exists():
+    state = checkpoint.load()
+    if state is None:
         return
     logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
-    for epoch, metrics in enumerate(torch.load(checkpoint, weights_only=False)["history"]):
+    for epoch, metrics in enumerate(state["history"]):
         if epoch + 1 not in logged:
             mlflow.log_metrics(metrics, step=epoch + 1)
     if previous_run and previous_run != run_id:
         mlflow.set_tag("resumed_from_run", previous_run)
 
 
-def _final_evaluation(model: Classifier, cfg: Config, splits: dict[str, Split], history: list[dict],
-                      tta: Callable | None) -> dict[str, float]:
+def _evaluate_and_log(trained: pipeline.Trained) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
-        out = Path(tmp)
-        results = {}
-        for prefix in ("val", "test") if cfg.eval_test else ("val",):
-            results.update(evaluate_split(model, splits[prefix], cfg, out, prefix))
-            if tta is not None:
-                results.update(evaluate_split(model, splits[prefix], cfg, out, f"{prefix}_tta", tta))
-        plot_curves(history, out / "curves.png")
-        results["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
-        results["train_seconds"] = sum(h["epoch_seconds"] for h in history)
+        results = pipeline.evaluate(trained, Path(tmp))
+        history = trained.history
         mlflow.log_metrics({k: v for k, v in results.items() if k not in history[-1]}, step=len(history))
-        mlflow.log_artifacts(str(out), "evaluation")
+        mlflow.log_artifacts(tmp, "evaluation")
     return results

@@ -1,48 +1,56 @@
 """The one preprocessing step that training and the served model share: pixels -> normalized float input."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AMX or AVX512-BF16), where bf16 pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 class Preprocess(nn.Module):
-    """uint8 0-255 or float 0-1 pixels, (N, H, W) or (N, 1, H, W) -> (N, channels, size, size), normalized."""
+    """uint8 0-255 or float 0-1 pixels, (N, H, W) or (N, C, H, W) -> (N, channels, size, size), normalized.
 
-    def __init__(self, mean: float, std: float, size: int, channels: int = 1):
+    mean and std are one number for grayscale images, one per channel for color (image_channels > 1).
+    """
+
+    def __init__(self, mean: float | list[float], std: float | list[float], size: int, channels: int = 1,
+                 image_channels: int = 1):
         super().__init__()
-        self.mean, self.std, self.size, self.channels = float(mean), float(std), int(size), int(channels)
+        self.mean, self.std = _numbers(mean), _numbers(std)
+        self.size, self.channels, self.image_channels = int(size), int(channels), int(image_channels)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
-        return x.expand(-1, self.channels, -1, -1) if self.channels > 1 else x
+        x = (x - _per_channel(self.mean, x)) / _per_channel(self.std, x)
+        return x.expand(-1, self.channels, -1, -1) if self.channels > x.shape[1] else x
 
     def extra_repr(self) -> str:
-        return f"mean={self.mean:.4f}, std={self.std:.4f}, size={self.size}, channels={self.channels}"
+        return f"mean={self.mean}, std={self.std}, size={self.size}, channels={self.channels}, " \
+               f"image_channels={self.image_channels}"
 
     def config(self) -> dict:
-        return {"mean": self.mean, "std": self.std, "size": self.size, "channels": self.channels}
+        """What rebuilds it (a model bundle's `preprocess`); a bundle without image_channels has gray images."""
+        return {"mean": self.mean, "std": self.std, "size": self.size, "channels": self.channels,
+                "image_channels": self.image_channels}
 
 
-def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
-    """Mean and std of uint8 images on the 0-1 scale (the training split's, for normalization)."""
+def _numbers(value: float | list[float]) -> float | list[float]:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+
+
+def _per_channel(value: float | list[float], x: torch.Tensor) -> torch.Tensor | float:
+    return torch.tensor(value, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) if isinstance(value, list) else value
+
+
+def pixel_stats(images: torch.Tensor) -> tuple[float, float] | tuple[list[float], list[float]]:
+    """Mean and std of uint8 images on the 0-1 scale (the training split's, to normalize); per channel for color."""
     x = images.double() / 255.0
-    return x.mean().item(), x.std().item()
+    if x.dim() == 3:
+        return x.mean().item(), x.std().item()
+    per_channel = x.transpose(0, 1).flatten(1)
+    return per_channel.mean(1).tolist(), per_channel.std(1).tolist()
 
 
 class Classifier(nn.Module):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import html
 import itertools
 import json
 import re
@@ -17,10 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import mlflow
 import yaml
+from markupsafe import Markup, escape
 
-from . import experiments, models, tracking
+from . import experiments, models, pipeline, tracking
+from .config import Config, make_config, parse_value
 
 CLAIMS = Path(__file__).with_name("claims.yaml")
 QUICK_LIMIT = 400
@@ -87,13 +89,13 @@ def _entry(item, where: str) -> Entry:
     if any(not isinstance(v, list) or not v for v in grid.values()):
         raise ValueError(f"{where}.grid: every key needs a non-empty list of values, got {grid}")
     unstated = item.get("unstated") or []
-    if not isinstance(unstated, list) or set(unstated) - {f.name for f in dataclasses.fields(experiments.Config)}:
+    if not isinstance(unstated, list) or set(unstated) - {f.name for f in dataclasses.fields(Config)}:
         raise ValueError(f"{where}.unstated: expected a list of config fields, got {unstated!r}")
     rows = _rows(item["name"], item["experiment"], params, grid, item.get("cells") or [], claimed, where)
     for row in rows:
         try:  # YAML reads 1e-3 as text: type every value as its config field
-            row.params = {k: experiments.coerce(k, v) if isinstance(v, str) else v for k, v in row.params.items()}
-            experiments.make_config(row.experiment, **row.params).validate()
+            row.params = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in row.params.items()}
+            make_config(row.experiment, **row.params).validate()
         except ValueError as e:
             raise ValueError(f"{where}: row {row.name}: {e}") from e
     return Entry(item["name"], rows, claimed, item["source"], item.get("stated", ""), unstated, grid)
@@ -141,16 +143,16 @@ def select(entries: list[Entry], only: list[str]) -> list[Entry]:
     return picked
 
 
-def row_config(row: Row, quick: bool, overrides: dict) -> experiments.Config:
+def row_config(row: Row, quick: bool, overrides: dict) -> Config:
     """The row's config: preset + the report's settings, shrunk in quick mode, then the user's overrides."""
     params = dict(row.params)
     if quick:
-        cfg = experiments.make_config(row.experiment, **params)
+        cfg = make_config(row.experiment, **params)
         params.update(epochs=1, unfreeze_epochs=min(cfg.unfreeze_epochs, 1), limit=QUICK_LIMIT)
         if cfg.image_size > QUICK_IMAGE_SIZE:
             params["image_size"] = QUICK_IMAGE_SIZE
     try:
-        cfg = experiments.make_config(row.experiment, **{**params, **overrides, "run_name": row.name})
+        cfg = make_config(row.experiment, **{**params, **overrides, "run_name": row.name})
         cfg.validate()
     except ValueError as e:
         raise ValueError(f"row {row.name}: {e}") from e
@@ -159,12 +161,12 @@ def row_config(row: Row, quick: bool, overrides: dict) -> experiments.Config:
 
 # ---------------------------------------------------------------------------------------------- measuring
 
-def find_finished(cfg: experiments.Config) -> str | None:
+def find_finished(cfg: Config) -> str | None:
     """A FINISHED run with this config digest, data digest and git commit, whose metrics stand in for a new one."""
     commit = tracking.git_info()["git_commit"]
     if commit == "unknown":
         return None
-    digest = experiments.load_data(cfg)["train"].digest  # decoding is cached: this costs a file scan, not a decode
+    digest = pipeline.load_data(cfg)["train"].digest  # decoding is cached: this costs a file scan, not a decode
     query = (f"tags.config_digest = '{cfg.digest()}' and tags.dataset_digest = '{digest}' "
              f"and tags.git_commit = '{commit}' and attributes.status = 'FINISHED'")
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list",
@@ -189,14 +191,14 @@ def summarize(run_id: str) -> dict:
     run = client.get_run(run_id)
     sizes = mlflow.artifacts.load_dict(f"runs:/{run_id}/data_summary.json")["sizes"]
     return {"run_id": run_id, "experiment_id": run.info.experiment_id,
-            "test_accuracy": run.data.metrics["test_accuracy"], "val_accuracy": run.data.metrics["val_accuracy"],
+            "test_accuracy": run.data.metrics["test_accuracy"], "val_accuracy": run.data.metrics.get("val_accuracy"),
             "epochs": len(client.get_metric_history(run_id, "train_loss")),
             "wall_s": (run.info.end_time - run.info.start_time) / 1000,
             "test_split": run.data.params.get("test_split", ""), "test_images": sizes["test"],
             "dataset": run.data.tags.get("dataset", "")}
 
 
-def measure(cfg: experiments.Config) -> dict:
+def measure(cfg: Config) -> dict:
     """Reuse a matching run or train one (nested under the active parent); a failure is a result, not a crash."""
     try:
         if run_id := find_finished(cfg):
@@ -210,7 +212,7 @@ def measure(cfg: experiments.Config) -> dict:
 
 def best_row(entry: Entry, results: dict) -> Row | None:
     """The grid's choice: the measured row with the best validation accuracy (test never selects)."""
-    measured = [r for r in entry.rows if "test_accuracy" in results[r.name]]
+    measured = [r for r in entry.rows if results[r.name].get("val_accuracy") is not None]
     return max(measured, key=lambda r: results[r.name]["val_accuracy"], default=None)
 
 
@@ -308,7 +310,8 @@ def table_row(label: str, claimed: float | None, claimed_text: str, result: dict
         return [label, claim, result["message"], "—", "—", "—", "—", ("—", None)]
     test = result["test_accuracy"]
     diff = f"{100 * test - claimed:+.2f} pp" if claimed is not None else "—"
-    return [label, claim, _pct(test), _pct(result["val_accuracy"]), diff, str(result["epochs"]),
+    val = _pct(result["val_accuracy"]) if result["val_accuracy"] is not None else "—"
+    return [label, claim, _pct(test), val, diff, str(result["epochs"]),
             _duration(result["wall_s"]), run_link(result, meta)]
 
 
@@ -372,67 +375,56 @@ def _header(meta: dict) -> str:
             f"{'quick' if meta['quick'] else 'full'} mode, total wall time {_duration(meta['wall_s'])}.")
 
 
-def render_markdown(entries: list[Entry], results: dict, meta: dict) -> str:
-    def md_table(lines):
-        def cell(c):
-            text, href = c if isinstance(c, tuple) else (c, None)
-            text = str(text).replace("|", "\\|").replace("\n", " ")
-            return f"[{text}]({href})" if href else text
-        head = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-        return head + ["| " + " | ".join(cell(c) for c in line) + " |" for line in lines]
+@functools.cache
+def _templates() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cnnlab"), undefined=jinja2.StrictUndefined,
+                             autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters.update(md_cell=_md_cell, html_cell=_html_cell, prose=_prose)
+    return env
 
-    out = ["# cnnlab reproduction: claimed vs measured", "", _header(meta), "",
-           *md_table(main_table(entries, results, meta))]
-    for e in entries:
-        if e.grid:
-            out += ["", f"## {e.name}: every combination", "", *md_table(grid_table(e, results, meta))]
-    out += ["", "## Notes", ""] + [f"- {n}" for n in notes(entries, results, meta)]
-    return "\n".join(out) + "\n"
+
+def _md_cell(cell) -> str:
+    text, href = cell if isinstance(cell, tuple) else (cell, None)
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return f"[{text}]({href})" if href else text
+
+
+def _html_cell(cell) -> Markup:
+    text, href = cell if isinstance(cell, tuple) else (cell, None)
+    return Markup('<a href="{}">{}</a>').format(href, text) if href else escape(str(text))
+
+
+def _prose(text: str) -> Markup:
+    """Markdown's `code` spans, the only markup the notes use, as HTML."""
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
+def _context(entries: list[Entry], results: dict, meta: dict) -> dict:
+    return {"columns": COLUMNS, "header": _header(meta), "main": main_table(entries, results, meta),
+            "grids": [(e.name, grid_table(e, results, meta)) for e in entries if e.grid],
+            "notes": notes(entries, results, meta)}
+
+
+def render_markdown(entries: list[Entry], results: dict, meta: dict) -> str:
+    return _templates().get_template("reproduce.md.j2").render(_context(entries, results, meta))
 
 
 def render_html(entries: list[Entry], results: dict, meta: dict) -> str:
     """One self-contained page: the tables, notes, and each run's test confusion matrix and ROC as inline PNGs."""
-    esc = html.escape
-
-    def html_table(lines):
-        def cell(c):
-            text, href = c if isinstance(c, tuple) else (c, None)
-            return f'<a href="{esc(href)}">{esc(text)}</a>' if href else esc(str(text))
-        head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in line) + "</tr>" for line in lines)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    def prose(text):  # Markdown's `code` spans, the only markup the notes use
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
-
-    parts = ["<h1>cnnlab reproduction: claimed vs measured</h1>", f"<p>{prose(_header(meta))}</p>",
-             html_table(main_table(entries, results, meta))]
-    for e in entries:
-        if e.grid:
-            parts += [f"<h2>{esc(e.name)}: every combination</h2>", html_table(grid_table(e, results, meta))]
-    parts += ["<h2>Notes</h2><ul>", *(f"<li>{prose(n)}</li>" for n in notes(entries, results, meta)), "</ul>"]
-    parts.append("<h2>Test-split figures</h2>")
-    for name, result in results.items():
-        if "run_id" in result:
-            parts.append(f"<h3>{esc(name)}</h3><div class=figs>{_figures(result['run_id'])}</div>")
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#eee}"
-             ".figs img{max-width:48%;margin-right:1%}")
-    return (f"<!doctype html><html><head><meta charset=utf-8><title>cnnlab reproduction</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+    figures = [(name, figures_of(result["run_id"])) for name, result in results.items() if "run_id" in result]
+    return _templates().get_template("reproduce.html.j2").render(_context(entries, results, meta), figures=figures)
 
 
-def _figures(run_id: str) -> str:
-    """The run's logged test figures as inline base64 PNGs, downloaded from its artifacts."""
+def figures_of(run_id: str) -> list[tuple[str, str | None, str]]:
+    """(title, base64 PNG or None, why not) of the run's logged test figures, downloaded from its artifacts."""
     out = []
     with tempfile.TemporaryDirectory(prefix="cnnlab-report-") as tmp:
         for title, path in FIGURES.items():
             try:
                 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
             except Exception as e:  # an old run without the figure still gets its table row
-                out.append(f"<p>{html.escape(title)}: not available ({html.escape(type(e).__name__)})</p>")
+                out.append((title, None, type(e).__name__))
                 continue
-            data = base64.b64encode(Path(local).read_bytes()).decode()
-            alt = html.escape(title)
-            out.append(f'<img alt="{alt}" title="{alt}" src="data:image/png;base64,{data}">')
-    return "".join(out)
+            out.append((title, base64.b64encode(Path(local).read_bytes()).decode(), ""))
+    return out

@@ -148,7 +148,7 @@ def serving_precision() -> str:
     if choice not in ("auto", "fp32", "bf16"):
         raise ValueError(f"CNNLAB_SERVING_PRECISION must be auto, fp32 or bf16, got {choice!r}")
     if choice == "auto":
-        from .preprocess import cpu_has_bf16
+        from .devices import cpu_has_bf16
 
         return "bf16" if cpu_has_bf16() else "fp32"
     return choice

@@ -1,7 +1,7 @@
 """The one training loop: seeded, resumable from per-epoch checkpoints, AMP on CUDA and bf16 on CPUs with AMX."""
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
 import os
 import time
@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import Split
-from .preprocess import cpu_has_bf16
+from .devices import PRECISIONS, autocast, prefers_channels_last, resolve_device, resolve_precision
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "cosine", "plateau")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,26 +51,6 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr}")
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -101,7 +81,7 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024, device: str | torch.device = "auto",
             precision: str = "auto", transform: Callable | None = None) -> torch.Tensor:
     """Class probabilities (N, C) for uint8 images; `transform` maps a batch to several views whose outputs are averaged."""
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device)
     precision = resolve_precision(precision, device)
     model.eval().to(device)
     out = []
@@ -121,28 +101,74 @@ def evaluate_loss_acc(model, split: Split, cfg: TrainConfig, device, precision) 
     return loss, (probs.argmax(1) == labels).float().mean().item()
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint that looks complete
+@dataclass
+class Checkpoint:
+    """Where the loop saves its state each epoch, and what the state must belong to for a run to resume from it."""
+    path: Path
+    key: dict  # e.g. config and dataset digests: a checkpoint of other settings or other data never resumes
+
+    def save(self, state: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "key": self.key}, tmp)
+        os.replace(tmp, self.path)  # atomic: a crash never leaves a half-written checkpoint that looks complete
+
+    def load(self, device: torch.device | str = "cpu") -> dict | None:
+        """The saved state, or None when there is none or it cannot resume this run (then it is discarded)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location=device, weights_only=False)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or written by an incompatible version
+            self.discard(f"unreadable ({type(e).__name__}: {e})")
+            return None
+        found = state.get("key") if isinstance(state, dict) else None
+        if found != self.key:
+            self.discard(f"it belongs to {found}, this run is {self.key}")
+            return None
+        return state
+
+    def discard(self, reason: str) -> None:
+        log.warning("discarding checkpoint %s and training from the start: %s", self.path, reason)
+        self.path.unlink(missing_ok=True)
 
 
-def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
+def _resume(checkpoint: Checkpoint, device: torch.device, *stateful) -> tuple[list[dict], int]:
+    """Load model, optimizer, scheduler and scaler from the checkpoint; (history, first epoch) to continue from."""
+    state = checkpoint.load(device)
+    if state is None:
+        return [], 0
+    fresh = [obj.state_dict() for obj in stateful]  # to undo a load that fails half-way
+    fresh[0] = {k: v.clone() for k, v in fresh[0].items()}  # the model's state_dict aliases its weights
+    try:
+        for obj, key in zip(stateful, ("model", "optimizer", "scheduler", "scaler")):
+            obj.load_state_dict(state[key])
+    except (KeyError, RuntimeError, ValueError) as e:
+        for obj, initial in zip(stateful, fresh):
+            obj.load_state_dict(initial)
+        checkpoint.discard(f"its state does not fit this model ({type(e).__name__}: {str(e)[:300]})")
+        return [], 0
+    return state["history"], state["epoch"] + 1
+
+
+def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
         augment: Callable | None = None, epoch_hook: Callable | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Path | None = None) -> list[dict]:
-    """Train `model` on uint8 `train` images; returns per-epoch metrics. Resumes from `checkpoint` if it exists.
+        on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Checkpoint | None = None) -> list[dict]:
+    """Train `model` on uint8 `train` images; returns per-epoch metrics. Resumes from `checkpoint` if it can.
 
+    Without `val` there is no per-epoch validation (and no val_* metrics).
     augment(x_uint8, y, generator) -> (x, target) runs on whole batches on the device; target may be soft labels.
     epoch_hook(epoch, model) runs after model.train() each epoch (freezing schedules).
     """
     cfg.validate()
+    if val is None and cfg.schedule == "plateau":
+        raise ValueError("schedule=plateau steps on validation accuracy: it needs a validation split")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.channels_last and (device.type == "cuda" or precision == "bf16"):
+    if cfg.channels_last and prefers_channels_last(device, precision):
         model.to(memory_format=torch.channels_last)
         model.channels_last = True
     images, labels = train.images.to(device), train.labels.to(device)
@@ -150,15 +176,8 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-    history, start = [], 0
+    history, start = _resume(checkpoint, device, model, optimizer, scheduler, scaler) if checkpoint else ([], 0)
     check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        history, start = state["history"], state["epoch"] + 1
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/augmentation RNG depends only on (seed, epoch)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
@@ -192,17 +211,18 @@ def fit(model: torch.nn.Module, train: Split, val: Split, cfg: TrainConfig, *,
             correct += (out.argmax(1) == y).sum()
             seen += len(idx)
         train_time = time.perf_counter() - t0
-        val_loss, val_acc = evaluate_loss_acc(model, val, cfg, device, precision)
+        metrics = {"train_loss": (loss_sum / max(seen, 1)).item(), "train_accuracy": (correct / max(seen, 1)).item()}
+        if val is not None:
+            metrics["val_loss"], metrics["val_accuracy"] = evaluate_loss_acc(model, val, cfg, device, precision)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_acc)
-        metrics = {"train_loss": (loss_sum / max(seen, 1)).item(), "train_accuracy": (correct / max(seen, 1)).item(),
-                   "val_loss": val_loss, "val_accuracy": val_acc, "lr": optimizer.param_groups[0]["lr"],
-                   "epoch_seconds": train_time, "train_images_per_s": seen / max(train_time, 1e-9)}
+            scheduler.step(metrics["val_accuracy"])
+        metrics.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_time,
+                        "train_images_per_s": seen / max(train_time, 1e-9)})
         history.append(metrics)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                         "epoch": epoch, "history": history, "config": asdict(cfg)})
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "epoch": epoch, "history": history, "config": asdict(cfg)})
         if on_epoch_end:
             on_epoch_end(epoch, metrics)
     return history

@@ -14,7 +14,6 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
 
 import mlflow
@@ -25,8 +24,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from . import experiments, tracking
-from .config import Config, coerce, make_config
+from . import devices, experiments, tracking
+from .config import field_types, make_config, parse_value
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_epochs", "heartbeat_interval", "fixed",
@@ -89,21 +88,17 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
             raise ValueError(f"{path}: {key} must be an integer >= {least}, got {spec[key]!r}")
     _check_strategy(spec, path)
     first = {k: p["choices"][0] if p["type"] == "categorical" else p["low"] for k, p in spec["space"].items()}
-    try:
-        make_config(spec["experiment"], **spec["fixed"], **first).validate()
+    try:  # as a trial runs: validation only
+        make_config(spec["experiment"], **spec["fixed"], **first, eval_test=False).validate()
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return spec
 
 
-def _field_types() -> dict[str, str]:
-    return {f.name: f.type for f in fields(Config)}
-
-
 def _value(where: str, name: str, value):
-    """A YAML value as the Config field's type (YAML reads 1e-3 as text; coerce handles that and names the field)."""
+    """A YAML value as the Config field's type (YAML reads 1e-3 as text; parse_value handles that, naming the field)."""
     try:
-        return coerce(name, str(value))
+        return parse_value(name, str(value))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
@@ -118,7 +113,7 @@ def _param(where: str, name: str, p) -> dict:
         if not isinstance(p.get("choices"), list) or not p["choices"]:
             raise ValueError(f"{where}: `choices` must be a non-empty list")
         return {"type": "categorical", "choices": [_value(where, name, c) for c in p["choices"]]}
-    kind = _field_types().get(name)
+    kind = field_types().get(name)
     if kind != p["type"]:
         raise ValueError(f"{where}: type {p['type']} but {name} is {'an unknown parameter' if kind is None else kind}")
     if "low" not in p or "high" not in p:
@@ -358,7 +353,7 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
     if workers == 1:
         optimize(storage, spec, parent_id, todo)
         return
-    threads = max(1, torch.get_num_threads() // workers)
+    threads = devices.threads_per_worker(workers)
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
     procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid()), name=f"tune-worker-{i}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DataError, Split, cache_dir
+from . import DataError, Option, Split, cache_dir, register_dataset
 
 # canonical order = the CSV's numbering
 CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
@@ -157,11 +157,10 @@ def _decode_all(source: Path, on_bad: str) -> tuple[str, dict]:
     return digest, result
 
 
-def load(data_dir: str | None = None, test_split: str = "public", on_bad: str = "error", **unused) -> tuple[Split, Split]:
-    if unused:
-        raise DataError(f"unknown FER2013 option(s): {sorted(unused)}")
-    if on_bad not in ("error", "skip"):
-        raise DataError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+@register_dataset("fer2013", title="FER2013", size=SIZE, channels=1, options=(
+    Option("on_bad", str, "error", ("error", "skip")),  # a corrupt or wrong-size image: stop, or skip and count it
+    Option("test_split", str, "public", tuple(v for v in CSV_USAGE.values() if v != "train"))))
+def load(data_dir: str | None, on_bad: str, test_split: str) -> tuple[Split, Split]:
     source = find_source(data_dir)
     digest, result = _decode_all(source, on_bad)
     splits = result["splits"]

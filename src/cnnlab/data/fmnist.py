@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DataError, Split, cache_dir
+from . import DataError, Option, Split, cache_dir, register_dataset
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -102,12 +102,18 @@ def permutation(seed: int, size: int = 28 * 28) -> torch.Tensor:
     return torch.randperm(size, generator=torch.Generator().manual_seed(seed))
 
 
-def load(data_dir: str | None = None, classes: int = 3, permute: bool = False, permute_seed: int = 0,
-         **unused) -> tuple[Split, Split]:
-    if unused:
-        raise DataError(f"unknown Fashion-MNIST option(s): {sorted(unused)}")
-    if classes not in (3, 10):
-        raise DataError(f"classes must be 3 or 10, got {classes!r}")
+def records(classes: int, permute: bool, permute_seed: int) -> dict:
+    """The pixel permutation of a permuted run, so that it can be re-applied to new images."""
+    if not permute:
+        return {}
+    return {"permutation.json": {"seed": permute_seed, "permutation": permutation(permute_seed).tolist()}}
+
+
+@register_dataset("fmnist", title="Fashion-MNIST", size=28, channels=1, records=records, options=(
+    Option("classes", int, 3, (3, 10)),  # 10 original classes, or relabeled clothes / shoes / others
+    Option("permute", bool, False),
+    Option("permute_seed", int, 0)))
+def load(data_dir: str | None, classes: int, permute: bool, permute_seed: int) -> tuple[Split, Split]:
     folder = find_dir(data_dir)
     digest, decoded = _decoded(folder)
     perm = permutation(permute_seed) if permute else None
