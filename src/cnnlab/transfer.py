@@ -36,7 +36,7 @@ PART = re.compile(r"(?P<stem>.+)\.(?P<index>\d{3})-of-(?P<count>\d{3})$")
 # ---- export -------------------------------------------------------------------------------------------------------
 
 def export_runs(dest: Path, tracking_uri: str | None = None, experiments: list[str] | None = None,
-                weights_dtype: str = "fp32", extra_tags: dict | None = None) -> dict:
+                weights_dtype: str = "fp32") -> dict:
     """Write every active run of the store (or of `experiments`) with its logged models into `dest`; returns the
     manifest. An existing export in `dest` is extended, so several stores can go into one folder."""
     if weights_dtype not in WEIGHTS_DTYPES:
@@ -49,9 +49,7 @@ def export_runs(dest: Path, tracking_uri: str | None = None, experiments: list[s
     manifest["source"] = {"tracking_uri": client.tracking_uri, "host": socket.gethostname()}
     names = {e.experiment_id: e.name for e in exps}
     for run in _all_runs(client, list(names)):
-        record = _run_record(client, run, names[run.info.experiment_id])
-        record["tags"].update(extra_tags or {})
-        manifest["runs"][run.info.run_id] = record
+        manifest["runs"][run.info.run_id] = _run_record(client, run, names[run.info.experiment_id])
         client.download_artifacts(run.info.run_id, "", str(_mkdir(dest / "runs" / run.info.run_id)))
     for model in _all_models(client, list(names)):
         if model.source_run_id not in manifest["runs"]:
@@ -63,7 +61,7 @@ def export_runs(dest: Path, tracking_uri: str | None = None, experiments: list[s
             shutil.move(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location, dst_path=tmp,
                                                             tracking_uri=client.tracking_uri), folder)
         if weights_dtype != "fp32":
-            _cast_weights(folder, weights_dtype)
+            cast_weights(folder, weights_dtype)
     (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -125,7 +123,7 @@ def _model_record(client: MlflowClient, model, experiment: str, weights_dtype: s
             "weights_dtype": weights_dtype}
 
 
-def _cast_weights(model_dir: Path, dtype: str) -> None:
+def cast_weights(model_dir: Path, dtype: str) -> None:
     """Store a cnnlab bundle's floating-point weights as fp16/bf16 (half the bytes); loading casts them back."""
     import torch
 
