@@ -153,6 +153,9 @@ def test_bad_sources_are_named(tmp_path, source):
         transfer.import_runs(tmp_path / "empty")
     transfer.export_runs(tmp_path / "export", source["uri"])
     parts = transfer.pack(tmp_path / "export", tmp_path / "out", part_bytes=2**20)
+    parts[1].write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=f"{parts[0].name}: not a readable packed export"):
+        transfer.import_runs(parts[0])
     parts[1].unlink()
     with pytest.raises(ValueError, match=f"missing part.*{parts[1].name}"):
         transfer.import_runs(parts[0])

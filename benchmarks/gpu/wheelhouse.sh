@@ -11,7 +11,7 @@ pip=(python3 -m pip)
 mkdir -p "$dest"
 rm -f "$dest"/*.whl
 platforms=()
-for p in manylinux_2_34_x86_64 manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
+for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64; do
   platforms+=(--platform "$p")
 done
 "${pip[@]}" download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --implementation cp \

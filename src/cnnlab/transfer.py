@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import socket
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -174,49 +174,70 @@ def pack(folder: Path, out: Path, name: str = "runs.tgz", part_bytes: int = 15 *
     """Tar and gzip an export, split into parts NAME.001-of-00N of at most `part_bytes` each."""
     read_manifest(folder)
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob(f"{name}.*-of-*"):
+        old.unlink()  # an earlier pack's parts would mix with these
     whole = out / f".{name}.tmp"
     with tarfile.open(whole, "w:gz", compresslevel=1) as tar:  # weights barely compress: favour speed
         tar.add(folder, arcname="export")
-    size = whole.stat().st_size
-    count = max(1, -(-size // part_bytes))
+    count = max(1, -(-whole.stat().st_size // part_bytes))
     if count > 999:
-        raise ValueError(f"{folder}: {size} bytes would need {count} parts of {part_bytes} bytes")
-    parts = []
+        raise ValueError(f"{folder}: {whole.stat().st_size} bytes would need {count} parts of {part_bytes} bytes")
+    parts = [out / f"{name}.{i:03d}-of-{count:03d}" for i in range(1, count + 1)]
     with open(whole, "rb") as f:
-        for i in range(1, count + 1):
-            parts.append(out / f"{name}.{i:03d}-of-{count:03d}")
-            parts[-1].write_bytes(f.read(part_bytes))
+        for part in parts:
+            part.write_bytes(f.read(part_bytes))
     whole.unlink()
     return parts
 
 
 def _parts(path: Path) -> list[Path]:
     """All parts of the packed export that `path` (a part, or a folder holding one set) belongs to, in order."""
-    candidates = [path] if path.is_file() else sorted(p for p in path.iterdir() if PART.match(p.name))
-    if not candidates:
+    folder = path.parent if path.is_file() else path
+    found = [path] if path.is_file() else sorted(p for p in path.iterdir() if PART.match(p.name))
+    if not found:
         raise ValueError(f"{path}: no {MANIFEST} and no packed parts (NAME.001-of-00N) in it")
-    first = PART.match(candidates[0].name)
-    if not first:
+    if not PART.match(found[0].name):
         return [path]  # a plain .tgz / .tar
-    stems = {PART.match(p.name)["stem"] for p in candidates}
-    if len(stems) > 1:
-        raise ValueError(f"{path}: parts of several exports ({sorted(stems)}); name one part")
-    count = int(first["count"])
-    parts = [path.parent / f"{first['stem']}.{i:03d}-of-{count:03d}" if path.is_file() else
-             path / f"{first['stem']}.{i:03d}-of-{count:03d}" for i in range(1, count + 1)]
+    sets = {(m["stem"], m["count"]) for m in map(PART.match, (p.name for p in found))}
+    if len(sets) > 1:
+        raise ValueError(f"{path}: parts of several packs ({sorted(sets)}); name one part")
+    [(stem, count)] = sets
+    parts = [folder / f"{stem}.{i:03d}-of-{count}" for i in range(1, int(count) + 1)]
     missing = [p.name for p in parts if not p.exists()]
     if missing:
         raise ValueError(f"{path}: missing part(s) {missing} of {count}")
     return parts
 
 
+class _Joined(io.RawIOBase):
+    """The parts read one after another as one stream, without holding them in memory."""
+
+    def __init__(self, parts: list[Path]):
+        self.files = [open(p, "rb") for p in parts]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.files:
+            n = self.files[0].readinto(buffer)
+            if n:
+                return n
+            self.files.pop(0).close()
+        return 0
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        super().close()
+
+
 def unpack(path: Path, into: Path) -> Path:
     """The export folder inside a packed export (parts or one tar), extracted under `into`."""
-    stream = io.BytesIO(b"".join(p.read_bytes() for p in _parts(path)))
     try:
-        with tarfile.open(fileobj=stream, mode="r:*") as tar:
+        with tarfile.open(fileobj=io.BufferedReader(_Joined(_parts(path))), mode="r|*") as tar:
             tar.extractall(into, filter="data")  # refuses absolute paths, links out of `into`, devices
-    except (tarfile.TarError, EOFError, OSError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ValueError(f"{path}: not a readable packed export ({type(e).__name__}: {e})") from None
     return into / "export"
 
