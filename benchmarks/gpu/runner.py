@@ -5,8 +5,9 @@ into OUT for `cnnlab runs import` (benchmarks/gpu/run.sh calls it on the lent GP
 
 Each job runs in ROOT/jobs/NAME (its mlflow.db, mlruns/, optuna.db, checkpoints, log.txt) with its own thread count
 and time limit; at its limit, or at the deadline, it gets SIGINT (its runs end KILLED), then SIGKILL. One failed job
-loses nothing of the others. OUT receives runs.tgz.NNN-of-NNN (all runs, logged models within --max-mb: the largest
-are left out first, and their runs say so), jobs.tgz (logs, Optuna storages) and results.md (the table printed last).
+loses nothing of the others. OUT receives runs.tgz.NNN-of-NNN (all runs; logged models while they fit in --max-mb,
+in job-list order: the rest are left out and their runs say so), jobs.tgz (logs, Optuna storages) and results.md
+(the table printed last).
 """
 from __future__ import annotations
 
@@ -187,23 +188,31 @@ def settle_runs(job: Job) -> None:
 
 
 def export(jobs: list[Job], folder: Path, weights_dtype: str, max_bytes: int) -> list[str]:
-    """Every job's store into one export folder; the largest models are left out until it fits in max_bytes."""
+    """Every job's store into one export folder. Models are kept in job-list order (then in the order they were
+    logged) while they fit in max_bytes; the rest are left out, and their runs say so."""
     from cnnlab import transfer
 
     for job in jobs:
         if job.runs:
             transfer.export_runs(folder, f"sqlite:///{job.folder / 'mlflow.db'}", weights_dtype=weights_dtype)
-    notes = []
     if not (folder / transfer.MANIFEST).exists():
-        return notes
-    models = transfer.read_manifest(folder)["models"]
-    sizes = sorted(((transfer.folder_bytes(folder / "models" / m), m) for m in models), reverse=True)
-    total = transfer.folder_bytes(folder)
-    for size, model_id in sizes:
-        if total <= max_bytes:
-            break
-        total -= transfer.leave_out_model(folder, model_id, f"over the {max_bytes / 2**20:.0f} MiB return budget")
-        notes.append(f"left out model {model_id} ({size / 2**20:.1f} MiB): over the return budget")
+        return []
+    manifest = transfer.read_manifest(folder)
+    rank = {job.name: i for i, job in enumerate(jobs)}
+    models = sorted(manifest["models"].values(), key=lambda m: (
+        rank[manifest["runs"][m["source_run_id"]]["tags"]["gpu_job"]], m["creation_timestamp"]))
+    sizes = {m["model_id"]: transfer.folder_bytes(folder / "models" / m["model_id"]) for m in models}
+    room = max_bytes - (transfer.folder_bytes(folder) - sum(sizes.values()))
+    notes = []
+    for model in models:
+        size = sizes[model["model_id"]]
+        if size <= room:
+            room -= size
+            continue
+        transfer.leave_out_model(folder, model["model_id"], f"over the {max_bytes / 2**20:.0f} MiB return budget")
+        job = manifest["runs"][model["source_run_id"]]["tags"]["gpu_job"]
+        notes.append(f"left out the model of job {job}, run {model['source_run_id'][:8]} ({size / 2**20:.1f} MiB): "
+                     f"over the return budget")
     return notes
 
 
