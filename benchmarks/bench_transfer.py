@@ -26,8 +26,8 @@ from cnnlab.config import Config, coerce, load_data, make_config  # noqa: E402
 from cnnlab.experiments import run  # noqa: E402
 
 HEADER = ("weights", "model.pt MiB", "model folder MiB", "serving", "test acc", "vs fp32 weights (points)",
-          "same label", "max |dp|", "models in 56 MiB")
-BUDGET = 56 * 2**20
+          "same label", "max |dp|", "models in 60 MiB")
+BUDGET = 60 * 2**20  # what the GPU machine's 64 MiB return leaves for models next to logs and run artifacts
 
 
 def probabilities(model_dir: Path, images: np.ndarray, serving: str) -> np.ndarray:

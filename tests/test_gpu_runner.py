@@ -50,7 +50,7 @@ def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/runner.py"), str(tmp_path / "jobs.yaml"),
                            "--out", str(out), "--root", str(tmp_path / "run"), "--grace", "3", "--part-mb", "0.1",
-                           "--max-mb", "3"],  # room for the runs and the two tiny models, not train's 7 MB one
+                           "--return-mb", "3"],  # room for the runs and the two tiny models, not train's 7 MB one
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout + done.stderr  # jobs failed on purpose
     assert "optimizer must be one of" in done.stdout  # a failed job's last log lines are shown
@@ -70,7 +70,7 @@ def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
     assert "timeout (40 s) while this run was running" in runs["deaf"].data.tags["error"]  # SIGKILL: settled after
     assert runs["cut"].data.tags["error"].startswith("KeyboardInterrupt")  # SIGINT: the run ended itself
     assert runs["train"].data.tags["gpu_job_status"] == "ok" and runs["train"].data.metrics["test_accuracy"] > 0
-    assert "over the 3 MiB return budget" in runs["train"].data.tags["model_left_out"]
+    assert "MiB return budget" in runs["train"].data.tags["model_left_out"]
     models = client.search_logged_models([e.experiment_id for e in client.search_experiments()])
     assert sorted(m.source_run_id for m in models) == sorted(runs[job].info.run_id for job in ("cut", "deaf"))
     frame = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").predict(np.zeros((1, 28, 28), np.uint8))

@@ -38,10 +38,10 @@ def source(tmp_path_factory, fmnist_dir):
     return {"uri": uri, "root": root, "child": child}
 
 
-def snapshot(uri: str) -> dict:
+def snapshot(uri: str, experiment: str | None = None) -> dict:
     """Everything a run holds, keyed by source run id (imported runs by their `imported_from` tag)."""
     client = MlflowClient(uri)
-    exps = {e.experiment_id: e.name for e in client.search_experiments()}
+    exps = {e.experiment_id: e.name for e in client.search_experiments() if experiment in (None, e.name)}
     runs = client.search_runs(list(exps))
     key = {r.info.run_id: r.data.tags.get(transfer.IMPORTED_FROM, r.info.run_id) for r in runs}
     out = {}
@@ -162,3 +162,20 @@ def test_bad_sources_are_named(tmp_path, source):
     with pytest.raises(ValueError, match="no experiment named \\['nope'\\]"):
         transfer.export_runs(tmp_path / "x", source["uri"], experiments=["nope"])
     assert cli.main(["runs", "import", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.services
+def test_import_into_the_team_server(source, tmp_path, on_stack, fmnist_dir):
+    """The team stack's mlflow server (PostgreSQL, artifacts in SeaweedFS through the server) as the destination."""
+    transfer.export_runs(tmp_path / "export", source["uri"])
+    parts = transfer.pack(tmp_path / "export", tmp_path / "out")
+    server = on_stack.mlflow.url
+    first = transfer.import_runs(parts[0], experiment=f"from_gpu_{tmp_path.name}")
+    assert first["tracking_uri"] == server and first["imported"] == 3
+    assert snapshot(server, f"from_gpu_{tmp_path.name}") == {
+        k: {**v, "experiment": f"from_gpu_{tmp_path.name}"} for k, v in snapshot(source["uri"]).items()}
+    imported = logged_model(server, first["runs"][source["child"]])
+    images = load_splits("fmnist", str(fmnist_dir), limit=300)["test"].images.numpy()
+    np.testing.assert_array_equal(predictions(server, imported.model_id, images),
+                                  predictions(source["uri"], logged_model(source["uri"], source["child"]).model_id, images))
+    assert transfer.import_runs(tmp_path / "out")["skipped"] == 3

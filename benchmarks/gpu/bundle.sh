@@ -28,4 +28,4 @@ data=$(du -cb .gpu | tail -1 | cut -f1)
 mib() { awk "BEGIN { printf \"%.1f\", $1 / 1048576 }"; }
 echo "travels: tree $(mib "$tree") MiB + .whl $(mib "$whl") MiB + .gpu $(mib "$data") MiB = $(mib $((tree + whl + data))) MiB (limit 64)"
 [ "$dirty" = true ] && echo "note: uncommitted changes; runs will say git_dirty=true"
-echo "device: run(command=\"bash benchmarks/gpu/run.sh benchmarks/gpu/jobs.yaml --deadline 480\", carry=[\".whl\", \".gpu\"], timeout_s=600)"
+echo "device: run(command=\"bash benchmarks/gpu/run.sh benchmarks/gpu/jobs.yaml --deadline 380\", carry=[\".whl\", \".gpu\"], timeout_s=480)"

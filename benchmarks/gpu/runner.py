@@ -5,9 +5,9 @@ into OUT for `cnnlab runs import` (benchmarks/gpu/run.sh calls it on the lent GP
 
 Each job runs in ROOT/jobs/NAME (its mlflow.db, mlruns/, optuna.db, checkpoints, log.txt) with its own thread count
 and time limit; at its limit, or at the deadline, it gets SIGINT (its runs end KILLED), then SIGKILL. One failed job
-loses nothing of the others. OUT receives runs.tgz.NNN-of-NNN (all runs; logged models while they fit in --max-mb,
-in job-list order: the rest are left out and their runs say so), jobs.tgz (logs, Optuna storages) and results.md
-(the table printed last).
+loses nothing of the others. OUT receives jobs.tgz (logs, Optuna storages), runs.tgz.NNN-of-NNN (all runs; logged
+models while OUT stays within --return-mb, in job-list order: the rest are left out and their runs say so) and
+results.md (the table printed last).
 """
 from __future__ import annotations
 
@@ -118,11 +118,11 @@ def start(job: Job, env: dict) -> None:
     shutil.copy(job.folder.parents[1] / "template.db", job.folder / "mlflow.db")
     job_env = {**env, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
                "MLFLOW_TRACKING_URI": f"sqlite:///{job.folder / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    log = open(job.folder / "log.txt", "w")
-    log.write(f"$ {shlex.join(job.command)}\n")
-    log.flush()
-    job.proc = subprocess.Popen(job.command, cwd=job.folder, env=job_env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(job.folder / "log.txt", "w") as log:
+        log.write(f"$ {shlex.join(job.command)}\n")
+        log.flush()
+        job.proc = subprocess.Popen(job.command, cwd=job.folder, env=job_env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
     job.started, job.status = time.time(), "running"
     print(f"[{clock()}] {job.name}: started ({job.threads} threads, {job.timeout:.0f} s limit)", flush=True)
 
@@ -253,11 +253,11 @@ def main() -> None:
     parser.add_argument("jobs", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="where the packed runs, logs and table go")
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpurun"), help="job folders and stores")
-    parser.add_argument("--deadline", type=float, default=480, help="seconds from start: stop every job then")
+    parser.add_argument("--deadline", type=float, default=380, help="seconds from start: stop every job then")
     parser.add_argument("--parallel", type=int, default=0, help="jobs at once (default: the file's, else all)")
     parser.add_argument("--grace", type=float, default=30, help="seconds from SIGINT to SIGKILL")
     parser.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    parser.add_argument("--max-mb", type=float, default=56, help="budget for the packed runs (OUT returns 64 MiB)")
+    parser.add_argument("--return-mb", type=float, default=63, help="all of OUT (a device call returns 64 MiB)")
     parser.add_argument("--part-mb", type=float, default=15)
     args = parser.parse_args()
     began = time.time()
@@ -272,13 +272,16 @@ def main() -> None:
         settle_runs(job)
     from cnnlab import transfer
 
-    notes = export(jobs, args.root / "export", args.weights_dtype, int(args.max_mb * 2**20))
     args.out.mkdir(parents=True, exist_ok=True)
+    pack_logs(jobs, args.out)
+    budget = int(args.return_mb * 2**20) - (args.out / "jobs.tgz").stat().st_size - 2**16  # 64 KiB: results.md
+    notes = export(jobs, args.root / "export", args.weights_dtype, budget)
     parts = transfer.pack(args.root / "export", args.out, part_bytes=int(args.part_mb * 2**20)) if (
         args.root / "export" / transfer.MANIFEST).exists() else []
-    pack_logs(jobs, args.out)
+    if sum(p.stat().st_size for p in parts) > budget:
+        notes.append("the runs' own artifacts exceed the return budget even without models: parts may not come back")
     if len(parts) + 2 > 8:
-        notes.append(f"{len(parts) + 2} files in OUT: a device call returns 8 at most (raise --part-mb, lower --max-mb)")
+        notes.append(f"{len(parts) + 2} files in OUT: a device call returns 8 at most (raise --part-mb, lower --return-mb)")
     size = sum(p.stat().st_size for p in parts) / 2**20
     summary = (f"{table(jobs)}\n\n{len(parts)} part(s), {size:.1f} MiB, weights {args.weights_dtype}; "
                f"{time.time() - began:.0f} s in all. Here: cnnlab runs import DIR_WITH_PARTS\n" + "\n".join(notes))
