@@ -73,6 +73,9 @@ def command(text: str) -> list[str]:
 
 def preflight(root: Path) -> str:
     """Versions, conflicts between the carried wheels and the image, an MLflow store and an Optuna RDB study for real."""
+    problems = requirement_conflicts()
+    if problems:  # printed before the imports that they may break
+        print("preflight: requirement conflicts (carried wheel needs -> found): " + "; ".join(problems), flush=True)
     import mlflow
     import optuna
     import torch
@@ -81,9 +84,6 @@ def preflight(root: Path) -> str:
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     line = (f"python {sys.version.split()[0]}, torch {torch.__version__} ({cuda}), mlflow {mlflow.__version__}, "
             f"optuna {optuna.__version__}, protobuf {md.version('protobuf')}")
-    problems = requirement_conflicts()
-    if problems:
-        line += "\nrequirement conflicts (carried wheel needs -> found): " + "; ".join(problems)
     template = root / "template.db"
     mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the schema once, copied per job
     optuna.create_study(storage=f"sqlite:///{root / 'preflight-optuna.db'}").optimize(lambda t: t.suggest_float("x", 0, 1), 1)
