@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
 from cnnlab import transfer  # noqa: E402
-from cnnlab.config import Config, coerce, load_data, make_config  # noqa: E402
+from cnnlab.config import Config, make_config, parse_params  # noqa: E402
 from cnnlab.experiments import run  # noqa: E402
+from cnnlab.pipeline import load_data  # noqa: E402
 
 HEADER = ("weights", "model.pt MiB", "model folder MiB", "serving", "test acc", "vs fp32 weights (points)",
           "same label", "max |dp|", "models in 60 MiB")
@@ -72,8 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     run_id = args.run_id
     if not run_id:
-        params = dict(p.split("=", 1) for p in args.param)
-        run_id = run(make_config(args.experiment, **{k: coerce(k, v) for k, v in params.items()}))["run_id"]
+        run_id = run(make_config(args.experiment, **parse_params(args.param)))["run_id"]
     print(f"run {run_id}: its logged model with fp32 weights is the baseline")
     print(table(rows_for(run_id), HEADER))
 
