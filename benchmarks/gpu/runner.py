@@ -12,8 +12,10 @@ results.md (the table printed last).
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.metadata as md
 import os
+import pkgutil
 import shlex
 import shutil
 import signal
@@ -27,6 +29,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
 
 
 @dataclass
@@ -72,7 +75,8 @@ def command(text: str) -> list[str]:
 
 
 def preflight(root: Path) -> str:
-    """Versions, conflicts between the carried wheels and the image, an MLflow store and an Optuna RDB study for real."""
+    """Versions, conflicts between the carried wheels and the image, every cnnlab module imported, an MLflow store and
+    an Optuna RDB study for real."""
     problems = requirement_conflicts()
     if problems:  # printed before the imports that they may break
         print("preflight: requirement conflicts (carried wheel needs -> found): " + "; ".join(problems), flush=True)
@@ -84,6 +88,10 @@ def preflight(root: Path) -> str:
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     line = (f"python {sys.version.split()[0]}, torch {torch.__version__} ({cuda}), mlflow {mlflow.__version__}, "
             f"optuna {optuna.__version__}, protobuf {md.version('protobuf')}")
+    import cnnlab
+    for module in pkgutil.walk_packages(cnnlab.__path__, "cnnlab."):  # a missing package fails here, not in a job
+        if module.name not in NOT_FOR_JOBS:
+            importlib.import_module(module.name)
     template = root / "template.db"
     mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the schema once, copied per job
     optuna.create_study(storage=f"sqlite:///{root / 'preflight-optuna.db'}").optimize(lambda t: t.suggest_float("x", 0, 1), 1)
