@@ -52,5 +52,17 @@ stack-down:
 stack-status:
 	$(BIN)/cnnlab stack status
 
+# The lent GPU machine (benchmarks/gpu/): the wheels it lacks, the FER2013 bundle, the commit. Carry .whl and .gpu.
+.PHONY: wheelhouse gpu-bundle gpu-check
+wheelhouse:
+	benchmarks/gpu/wheelhouse.sh .whl 3.12 && touch .whl/.built
+
+gpu-bundle: setup
+	benchmarks/gpu/bundle.sh
+
+# The wheelhouse (built for 3.11) and run.sh end to end in a stand-in for the GPU image, then the import here.
+gpu-check: setup
+	benchmarks/gpu/check.sh
+
 clean:  # keeps .cnnlab/stack (the team stack's data)
 	rm -rf .cnnlab/checkpoints mlflow.db mlruns mlartifacts reports optuna.db
