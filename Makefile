@@ -57,5 +57,17 @@ stack-user:
 	@test -n "$(NAME)" || { echo "usage: make stack-user NAME=alice [READ_ONLY=1]"; exit 2; }
 	$(BIN)/cnnlab stack user add $(NAME) $(if $(READ_ONLY),--read-only)
 
+# The lent GPU machine (benchmarks/gpu/): the wheels it lacks, the FER2013 bundle, the commit. Carry .whl and .gpu.
+.PHONY: wheelhouse gpu-bundle gpu-check
+wheelhouse:
+	benchmarks/gpu/wheelhouse.sh .whl 3.12 && touch .whl/.built
+
+gpu-bundle: setup
+	benchmarks/gpu/bundle.sh
+
+# The wheelhouse (built for 3.11) and run.sh end to end in a stand-in for the GPU image, then the import here.
+gpu-check: setup
+	benchmarks/gpu/check.sh
+
 clean:  # keeps .cnnlab/stack (the team stack's data)
 	rm -rf .cnnlab/checkpoints mlflow.db mlruns mlartifacts reports optuna.db

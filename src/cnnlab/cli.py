@@ -203,6 +203,25 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    from pathlib import Path
+
+    from . import transfer
+
+    if args.action == "export":
+        folder = Path(args.dest)
+        manifest = transfer.export_runs(folder, args.tracking_uri or None, args.experiment or None, args.weights_dtype)
+        result = {"folder": str(folder), "runs": len(manifest["runs"]), "models": len(manifest["models"]),
+                  "bytes": transfer.folder_bytes(folder)}
+        if args.pack:
+            parts = transfer.pack(folder, Path(args.pack), part_bytes=int(args.part_mb * 2**20))
+            result["parts"] = [str(p) for p in parts]
+    else:
+        result = transfer.import_runs(Path(args.source), args.experiment or None, args.tracking_uri or None)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -294,6 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
     p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("runs", help="export runs (with logged models) from a store, or import them into this one")
+    runs = p.add_subparsers(dest="action", required=True)
+    e = runs.add_parser("export", help="write the store's runs into a folder; --pack splits it into parts")
+    e.add_argument("dest", help="export folder (an existing export there is extended)")
+    e.add_argument("--experiment", action="append", default=[], help="only this experiment (repeatable)")
+    e.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="store cnnlab model weights at this precision (fp16/bf16: half the bytes)")
+    e.add_argument("--pack", default="", metavar="DIR", help="also write DIR/runs.tgz.001-of-00N parts")
+    e.add_argument("--part-mb", type=float, default=15, help="largest part in MiB (default 15)")
+    i = runs.add_parser("import", help="import an export (folder, packed parts or tar); already imported runs are skipped")
+    i.add_argument("source", help="export folder, one part or the folder of parts, or a .tgz")
+    i.add_argument("--experiment", default="", help="put every run into this experiment (default: its own)")
+    for q in (e, i):
+        q.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_runs)
     return parser
 
 

@@ -32,8 +32,11 @@ def git_info() -> dict[str, str]:
         except (OSError, subprocess.SubprocessError):
             return ""
     commit = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else False
-    return {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower()}
+    if not commit:  # a copy of the tree without .git (a lent GPU machine): the commit it was copied from, if told
+        return {"git_commit": os.environ.get("CNNLAB_GIT_COMMIT") or "unknown",
+                "git_dirty": os.environ.get("CNNLAB_GIT_DIRTY", "false")}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"git_commit": commit, "git_dirty": str(dirty).lower()}
 
 
 def error_text(e: BaseException) -> str:

@@ -1,0 +1,77 @@
+"""benchmarks/gpu/runner.py for real: jobs in parallel processes, each tracked; one that fails, one cut at its time
+limit and one that ignores SIGINT lose nothing of the others; the packed runs import here with their statuses."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from cnnlab import cli
+
+REPO = Path(__file__).resolve().parents[1]
+# a job that starts a tracked run, logs a tiny model and waits; with `deaf`, it ignores SIGINT: only SIGKILL ends it
+HANG = textwrap.dedent("""
+    import signal, sys, time
+    import numpy as np
+    from cnnlab import models, tracking
+    from cnnlab.preprocess import Classifier, Preprocess
+    if sys.argv[1] == "deaf":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tracking.init_tracking("hang")
+    with tracking.tracked_run(sys.argv[1]):
+        spec = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
+        net = Classifier(Preprocess(0.3, 0.3, 28), models.create(**spec))
+        tracking.log_model(net, spec, ["a", "b", "c"], np.zeros((2, 28, 28), np.uint8))
+        print("model logged", flush=True)
+        time.sleep(600)
+""")
+
+
+@pytest.mark.slow
+def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
+    (tmp_path / "hang.py").write_text(HANG)
+    jobs = {"parallel": 4, "threads": 1, "timeout": 300, "jobs": {  # in order of whose models matter most
+        "cut": {"command": f"python {tmp_path / 'hang.py'} polite", "timeout": 40},
+        "train": f"cnnlab train fmnist_cnn -P data_dir={fmnist_dir} -P limit=300 -P epochs=1 -P eval_batch_size=256",
+        "bad_value": f"cnnlab train fmnist_cnn -P data_dir={fmnist_dir} -P optimizer=nope",
+        "deaf": {"command": f"python {tmp_path / 'hang.py'} deaf", "timeout": 40}}}
+    (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(jobs))
+    env = {k: v for k, v in os.environ.items() if k not in ("FER2013_DIR", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu/runner.py"), str(tmp_path / "jobs.yaml"),
+                           "--out", str(out), "--root", str(tmp_path / "run"), "--grace", "3", "--part-mb", "0.1",
+                           "--return-mb", "3"],  # room for the runs and the two tiny models, not train's 7 MB one
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout + done.stderr  # jobs failed on purpose
+    assert "optimizer must be one of" in done.stdout  # a failed job's last log lines are shown
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| job")}
+    assert rows == {"train": "ok", "bad_value": "failed (exit 2)", "cut": "timeout (40 s)", "deaf": "timeout (40 s)"}
+    assert "left out the model of job train" in done.stdout
+    parts = sorted(out.glob("runs.tgz.*"))
+    assert len(parts) > 1 and {p.name for p in out.iterdir()} == {*(p.name for p in parts), "jobs.tgz", "results.md"}
+
+    assert cli.main(["runs", "import", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["imported"] == 4
+    client = MlflowClient()
+    runs = {r.data.tags["gpu_job"]: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert {job: r.info.status for job, r in runs.items()} == {
+        "train": "FINISHED", "bad_value": "FAILED", "cut": "KILLED", "deaf": "KILLED"}
+    assert "timeout (40 s) while this run was running" in runs["deaf"].data.tags["error"]  # SIGKILL: settled after
+    assert runs["cut"].data.tags["error"].startswith("KeyboardInterrupt")  # SIGINT: the run ended itself
+    assert runs["train"].data.tags["gpu_job_status"] == "ok" and runs["train"].data.metrics["test_accuracy"] > 0
+    assert "MiB return budget" in runs["train"].data.tags["model_left_out"]
+    models = client.search_logged_models([e.experiment_id for e in client.search_experiments()])
+    assert sorted(m.source_run_id for m in models) == sorted(runs[job].info.run_id for job in ("cut", "deaf"))
+    frame = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").predict(np.zeros((1, 28, 28), np.uint8))
+    assert frame["label"][0] in ("a", "b", "c")
