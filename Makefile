@@ -30,8 +30,9 @@ test: setup data postgres chromium
 test-fast: setup data
 	$(BIN)/python -m pytest -m "not slow and not services"
 
-# The team stack on loopback (PostgreSQL, SeaweedFS S3, mlflow server): data in .cnnlab/stack, survives down/up.
-.PHONY: postgres stack-up stack-down stack-status
+# The team stack on loopback (PostgreSQL, SeaweedFS S3, mlflow server with accounts): data and secrets in
+# .cnnlab/stack, survive down/up. `make stack-user NAME=alice` (READ_ONLY=1 for a viewer) writes users/NAME.env.
+.PHONY: postgres stack-up stack-down stack-status stack-user
 postgres:
 	@test -x /usr/lib/postgresql/15/bin/initdb || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; }
@@ -51,6 +52,10 @@ stack-down:
 
 stack-status:
 	$(BIN)/cnnlab stack status
+
+stack-user:
+	@test -n "$(NAME)" || { echo "usage: make stack-user NAME=alice [READ_ONLY=1]"; exit 2; }
+	$(BIN)/cnnlab stack user add $(NAME) $(if $(READ_ONLY),--read-only)
 
 # The lent GPU machine (benchmarks/gpu/): the wheels it lacks, the FER2013 bundle, the commit. Carry .whl and .gpu.
 .PHONY: wheelhouse gpu-bundle gpu-check

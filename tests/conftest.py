@@ -43,7 +43,7 @@ def session_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def team_stack():
-    """The team stack (PostgreSQL, SeaweedFS S3, mlflow server) on loopback, once per session; removed after."""
+    """The team stack on loopback, once per session, with MLflow users alice and carol (team) and bob (read-only)."""
     import tempfile
 
     from cnnlab.stack import Stack
@@ -53,6 +53,9 @@ def team_stack():
     stack = Stack(root)
     try:
         stack.up()
+        stack.add_user("alice")
+        stack.add_user("carol")
+        stack.add_user("bob", read_only=True)
         yield stack
     finally:
         stack.down()
@@ -60,11 +63,27 @@ def team_stack():
 
 
 @pytest.fixture
-def on_stack(team_stack, isolated, monkeypatch):
-    """This test tracks to the team stack's mlflow server."""
+def sign_in(team_stack, monkeypatch):
+    """sign_in(user): that user's MLflow credentials in the environment, as they load their credentials file;
+    sign_in(None): none."""
+    from cnnlab.stack import CREDENTIAL_KEYS, read_env_file
+
+    def to(user: str | None) -> None:
+        for key in CREDENTIAL_KEYS:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in (read_env_file(team_stack.users / f"{user}.env") if user else {}).items():
+            monkeypatch.setenv(key, value)
+    return to
+
+
+@pytest.fixture
+def on_stack(team_stack, isolated, sign_in, monkeypatch):
+    """This test tracks to the team stack's mlflow server as teammate alice, with the Optuna password file."""
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_stack.mlflow.url)
+    monkeypatch.setenv("PGPASSFILE", str(team_stack.pgpass))
+    sign_in("alice")
     mlflow.set_tracking_uri(team_stack.mlflow.url)
     return team_stack
 
@@ -79,11 +98,11 @@ def tiny_study(tmp_path, fmnist_dir, team_stack):
 
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
-            "experiment": "fmnist_cnn", "n_trials": n_trials, "heartbeat_interval": 5,
+            "experiment": "fmnist_cnn", "n_trials": n_trials, "heartbeat_interval": 2,
             "fixed": {"data_dir": str(fmnist_dir), "limit": 300, "epochs": epochs, "batch_size": 64},
             "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
             "sampler": {"type": "random", "seed": 0}}))
-        return tuning.load_spec(path, storage=team_stack.postgres.url("optuna"))
+        return tuning.load_spec(path, storage=team_stack.postgres.url("optuna", "optuna"))
     return write
 
 

@@ -3,6 +3,7 @@ worker, two worker processes on one PostgreSQL storage."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -189,16 +190,22 @@ def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
 @pytest.fixture(scope="module")
 def postgres():
     """A throwaway PostgreSQL cluster (in a folder its OS user can reach) with databases for Optuna and MLflow."""
-    from cnnlab.stack import Postgres
+    from cnnlab.stack import Postgres, write_pgpass
 
     root = Path(tempfile.mkdtemp(prefix="cnnlab-tuning-pg-"))
     root.chmod(0o755)
     pg = Postgres(root).start()
+    saved = os.environ.get("PGPASSFILE")  # the URLs carry no password: libpq reads it from this file
+    os.environ["PGPASSFILE"] = str(write_pgpass(root / "pgpass", pg.user, ("optuna", "mlflow"), pg.superuser_password()))
     try:
         pg.create_database("optuna")
         pg.create_database("mlflow")
         yield pg
     finally:
+        if saved is None:
+            del os.environ["PGPASSFILE"]
+        else:
+            os.environ["PGPASSFILE"] = saved
         pg.stop()
         shutil.rmtree(root, ignore_errors=True)
 

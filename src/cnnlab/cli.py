@@ -57,17 +57,46 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from .stack import Stack
+    from .stack import Stack, docker_secrets
 
     stack = Stack(args.root, mlflow_port=args.mlflow_port, s3_port=args.s3_port, pg_port=args.pg_port,
-                  workers=args.workers)
+                  workers=args.workers, host=args.host)
     if args.action == "down":
         stack.down()
     if args.action == "up":
-        stack.up()
+        urls = stack.up()
+        print(f"cnnlab stack: admin credentials in {urls['admin_credentials']}; add teammates with `cnnlab stack user "
+              f"add NAME`; tuning workers here: export PGPASSFILE={urls['pgpass']}", file=sys.stderr)
+    if args.action == "rotate":
+        stack.rotate(args.what)
+    if args.action == "docker-secrets":
+        print(json.dumps({"folder": args.folder, "secrets": docker_secrets(args.folder)}, indent=2))
+        return 0
     status = stack.status()
     print(json.dumps({"status": status, **(stack.urls() if any(status.values()) else {})}, indent=2))
     return 0 if args.action == "down" or all(status.values()) else 1
+
+
+def cmd_stack_user(args) -> int:
+    from .stack import Stack
+
+    stack = Stack(args.root)
+    if args.tracking_uri:
+        stack.manage(args.tracking_uri, args.admin_credentials or stack.mlflow.admin_credentials)
+    if args.user_action == "add":
+        result = stack.add_user(args.name, read_only=args.read_only, out=args.out)
+    elif args.user_action == "passwd":
+        result = stack.set_password(args.name, out=args.out)
+    elif args.user_action == "remove":
+        stack.remove_user(args.name)
+        result = {"removed": args.name}
+    else:
+        result = stack.list_users()
+    print(json.dumps(result, indent=2))
+    if "credentials" in result:
+        print(f"cnnlab stack user: the password is in {result['credentials']} (mode 0600); hand it over privately; "
+              f"load it with: set -a; . {result['credentials']}; set +a", file=sys.stderr)
+    return 0
 
 
 def cmd_register(args) -> int:
@@ -211,14 +240,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field in every row, e.g. -P device=cuda -P precision=bf16")
     p.add_argument("--out", default="reports", help="folder for reproduce.md / .html / .json (default: reports)")
     p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("stack", help="the team stack on loopback: PostgreSQL, SeaweedFS S3, mlflow server")
-    p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--root", default=".cnnlab/stack", help="data, logs and pid files (default: .cnnlab/stack)")
-    p.add_argument("--mlflow-port", type=int, default=0, help="0: the port used last time, else a free one")
-    p.add_argument("--s3-port", type=int, default=0)
-    p.add_argument("--pg-port", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="mlflow server worker processes")
-    p.set_defaults(func=cmd_stack)
+    stack = sub.add_parser("stack", help="the team stack: PostgreSQL, SeaweedFS S3, mlflow server with users")
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--root", default=".cnnlab/stack", help="data, secrets, logs, pids (default: .cnnlab/stack)")
+    actions = stack.add_subparsers(dest="action", required=True)
+    for action, what in (("up", "start what is not running (first time: passwords, admin, roles)"),
+                         ("down", "stop every service (data and secrets stay)"), ("status", "which services answer"),
+                         ("rotate", "a new password for database role mlflow or optuna, or a new S3 key"),
+                         ("docker-secrets", "the secret files of docker/compose.yaml (missing ones only)")):
+        p = actions.add_parser(action, parents=[where], help=what)
+        if action == "rotate":
+            p.add_argument("what", choices=["optuna", "mlflow", "s3"])
+        if action == "docker-secrets":
+            p.add_argument("folder", nargs="?", default="docker/secrets")
+        p.add_argument("--host", default="127.0.0.1",
+                       help="address for the MLflow server and PostgreSQL (default 127.0.0.1; SeaweedFS stays there)")
+        p.add_argument("--mlflow-port", type=int, default=0, help="0: the port used last time, else a free one")
+        p.add_argument("--s3-port", type=int, default=0)
+        p.add_argument("--pg-port", type=int, default=0)
+        p.add_argument("--workers", type=int, default=1, help="mlflow server worker processes")
+        p.set_defaults(func=cmd_stack)
+    user = actions.add_parser("user", help="MLflow users: add, passwd, list, remove").add_subparsers(
+        dest="user_action", required=True)
+    for action, what in (("add", "a new user with a generated password (a teammate unless --read-only)"),
+                         ("passwd", "a new generated password (rotation)"), ("remove", "delete the user"),
+                         ("list", "users and their access")):
+        p = user.add_parser(action, parents=[where], help=what)
+        p.add_argument("--tracking-uri", default="", help="another server (docker compose's); default: this root's")
+        p.add_argument("--admin-credentials", default="", help="its admin's credentials (docker/secrets/admin.env)")
+        if action != "list":
+            p.add_argument("name")
+        if action in ("add", "passwd"):
+            p.add_argument("--out", default=None, help="credentials file, mode 0600 (default: ROOT/users/NAME.env)")
+        if action == "add":
+            p.add_argument("--read-only", action="store_true", help="reads everything, changes nothing of the team's")
+        p.set_defaults(func=cmd_stack_user)
     p = sub.add_parser("register", help="register the best run of an experiment or study; champion or challenger")
     p.add_argument("experiment", nargs="?", default="", help="MLflow experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
@@ -281,4 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"cnnlab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        mlflow_errors = sys.modules.get("mlflow.exceptions")  # not imported: not MLflow's error (cnnlab stack stays fast)
+        denied = None
+        if mlflow_errors and isinstance(e, mlflow_errors.MlflowException):
+            from .tracking import access_error
+            denied = access_error(f"{e.error_code} {e}")
+        if denied is None:
+            raise
+        print(f"cnnlab {args.command}: error: {denied}", file=sys.stderr)
         return 2

@@ -42,8 +42,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         _log_config(cfg, active.info.run_id)
         trained = pipeline.prepare(cfg)
         _log_data(trained)
-        if previous and previous != active.info.run_id:
-            _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), previous)
+        _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
 
         def log_epoch(epoch: int, metrics: dict) -> None:
             mlflow.log_metrics(metrics, step=epoch + 1)
@@ -107,14 +106,18 @@ def _checkpoint_fits(path: Path, cfg: Config) -> bool:
     return pipeline.checkpoint(cfg, splits, path).load() is not None
 
 
-def _carry_over(checkpoint: Checkpoint, previous_run: str) -> None:
-    """Resuming another run's checkpoint (under `mlflow run`): copy its epochs' metrics so this run is complete."""
+def _carry_over(checkpoint: Checkpoint, run_id: str, previous_run: str | None) -> None:
+    """Resuming: log the checkpointed epochs' metrics that the run lacks (killed between a checkpoint and its
+    metrics; another run's checkpoint under `mlflow run`), so the run is complete and has each epoch once."""
     state = checkpoint.load()
     if state is None:
         return
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_accuracy")}
     for epoch, metrics in enumerate(state["history"]):
-        mlflow.log_metrics(metrics, step=epoch + 1)
-    mlflow.set_tag("resumed_from_run", previous_run)
+        if epoch + 1 not in logged:
+            mlflow.log_metrics(metrics, step=epoch + 1)
+    if previous_run and previous_run != run_id:
+        mlflow.set_tag("resumed_from_run", previous_run)
 
 
 def _evaluate_and_log(trained: pipeline.Trained) -> dict[str, float]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def error_text(e: BaseException) -> str:
     return text[:5000]
 
 
+def access_error(text: str, tracking_uri: str | None = None) -> str | None:
+    """One readable line when `text` (an error, a log) shows the tracking server refusing a request, else None."""
+    uri, user = tracking_uri or mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if re.search(r"error code 401\b|UNAUTHENTICATED", text):
+        who = f"the credentials of user {user!r}" if user else "a request without credentials"
+        return (f"the MLflow server {uri} refused {who} (401 Unauthorized): set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD to an account (an admin makes one: cnnlab stack user add NAME)")
+    if re.search(r"error code 403\b|PERMISSION_DENIED", text):
+        return (f"the MLflow server {uri} does not let user {user!r} do this (403 Permission denied): a read-only "
+                f"user cannot change the team's experiments, runs or models (an admin can add a teammate: "
+                f"cnnlab stack user add NAME)")
+    return None
+
+
 @contextlib.contextmanager
 def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: dict | None = None, nested: bool = False):
     """An MLflow run that ends FAILED, with the error as a tag, when the body raises (KeyboardInterrupt too).
@@ -66,7 +81,10 @@ def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: di
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tags(getattr(e, "run_tags", None) or {"error": error_text(e)})
-        mlflow.end_run(getattr(e, "run_status", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"))
+        try:
+            mlflow.end_run(getattr(e, "run_status", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"))
+        except Exception as unrecorded:  # the server is down too: the run stays RUNNING, the cause is what matters
+            e.add_note(f"the run could not be ended in {mlflow.get_tracking_uri()}: {type(unrecorded).__name__}")
         raise
     else:
         mlflow.end_run("FINISHED")

@@ -7,9 +7,11 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -74,6 +76,7 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
             "heartbeat_interval": 60, "fixed": {}, "sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "none"},
             **raw, "source": str(path)}
     spec.update({k: v for k, v in (("storage", storage), ("study_name", study_name), ("n_trials", n_trials)) if v})
+    refuse_password(spec["storage"])
     spec["fixed"] = {k: _value(f"{path}: fixed.{k}", k, v) for k, v in (spec["fixed"] or {}).items()}
     spec["space"] = {k: _param(f"{path}: space.{k}", k, v) for k, v in (spec["space"] or {}).items()}
     searched = sorted(set(params or {}) & set(spec["space"]))
@@ -181,6 +184,24 @@ def redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def refuse_password(url: str) -> None:
+    """A storage URL never carries its password: command lines, YAML files and `mlflow run -P` values (which
+    MLflow logs as run parameters) are no place for it; libpq reads it from PGPASSFILE."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        if make_url(url).password is None:
+            return
+    except ArgumentError:
+        return  # not a URL at all: make_storage says so
+    logged = f"; `mlflow run` already logged it in run {os.environ['MLFLOW_RUN_ID']}: delete that run and rotate the " \
+             f"password (cnnlab stack rotate optuna)" if os.environ.get("MLFLOW_RUN_ID") else ""
+    raise ValueError(f"the Optuna storage URL {redact(url)} holds a password: drop it from the URL and put it in a "
+                     f"PostgreSQL password file (export PGPASSFILE=.cnnlab/stack/pgpass, written by `cnnlab stack "
+                     f"up`){logged}")
+
+
 def make_storage(spec: dict) -> optuna.storages.RDBStorage:
     """The RDB storage with a heartbeat: a trial whose worker died is failed after two missed beats, then retried."""
     from sqlalchemy.exc import SQLAlchemyError
@@ -191,7 +212,10 @@ def make_storage(spec: dict) -> optuna.storages.RDBStorage:
                                           heartbeat_stale_trial_callback=_stale_trial,
                                           engine_kwargs={"pool_pre_ping": True})
     except SQLAlchemyError as e:
-        raise RuntimeError(f"cannot open the Optuna storage {redact(spec['storage'])}: {getattr(e, 'orig', e)}") from e
+        hint = "; set PGPASSFILE to the password file `cnnlab stack up` wrote (.cnnlab/stack/pgpass)" \
+            if "no password supplied" in str(e) or "password authentication failed" in str(e) else ""
+        raise RuntimeError(f"cannot open the Optuna storage {redact(spec['storage'])}: "
+                           f"{str(getattr(e, 'orig', e)).strip()}{hint}") from e
 
 
 def _stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -290,8 +314,27 @@ def optimize(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, n_
                    callbacks=[enough], gc_after_trial=True)
 
 
-def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int) -> None:
-    """A worker process: its own storage connections and a share of the CPU threads."""
+def _die_with(driver: int) -> None:
+    """A worker is killed when its `cnnlab tune` driver dies (kill -9 too): no orphan keeps training unseen; its
+    trial's heartbeat stops, so a re-run fails and retries the trial."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    else:
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == driver:
+                time.sleep(1)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != driver:  # the driver died before the signal was armed
+        os._exit(1)
+
+
+def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, driver: int) -> None:
+    """A worker process: dies with its driver, has its own storage connections and a share of the CPU threads."""
+    _die_with(driver)
     torch.set_num_threads(threads)
     tracking.init_tracking(spec["experiment"])
     storage = make_storage(spec)
@@ -313,7 +356,7 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
     threads = devices.threads_per_worker(workers)
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
-    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads), name=f"tune-worker-{i}")
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid()), name=f"tune-worker-{i}")
              for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
