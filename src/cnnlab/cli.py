@@ -1,4 +1,5 @@
-"""`cnnlab <command>`: the only place that parses arguments, and the MLproject entry points that call it."""
+"""cnnlab: image-classification experiments tracked in MLflow (Fashion-MNIST, FER2013): train, tune, register,
+compare, reproduce the reports, and try a served model in the browser."""
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,51 @@ def _argument(kind: str, least: int | None = None):
 
 def cmd_train(args) -> int:
     from .config import make_config, parse_params
+
+    cfg = make_config(args.experiment, **parse_params(args.param))
+    if args.show_config:
+        print(show_config(cfg))
+        return 0
     from .experiments import run
 
-    result = run(make_config(args.experiment, **parse_params(args.param)))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run(cfg), indent=2))
     return 0
+
+
+def _allowed(name: str, allowed: dict) -> str:
+    return "|".join(map(str, allowed[name])) if name in allowed else ""
+
+
+def show_config(cfg) -> str:
+    """Every field of `cfg`: value (* where it differs from the experiment's default), type and allowed values."""
+    from dataclasses import asdict
+
+    from .config import allowed_values, field_types, make_config
+
+    preset, types, allowed = asdict(make_config(cfg.experiment)), field_types(), allowed_values()
+    rows = [("field", "value", "type", "allowed"), *(
+        (k, f"{v}{' *' if v != preset[k] else ''}", types[k], _allowed(k, allowed)) for k, v in asdict(cfg).items())]
+    return _table(rows) + "\n* set by -P; change any field with -P FIELD=VALUE"
+
+
+def cmd_experiments(args) -> int:
+    from dataclasses import asdict
+
+    from .config import PRESETS, allowed_values, field_types, make_config
+
+    configs = {name: asdict(make_config(name)) for name in PRESETS}
+    types, allowed = field_types(), allowed_values()
+    lines = [f"{name:14} {preset.summary}" for name, preset in PRESETS.items()]
+    rows = [("field", "type", *PRESETS, "allowed"), *(
+        (k, types[k], *(str(c[k]) for c in configs.values()), _allowed(k, allowed)) for k in types)]
+    print("\n".join([*lines, "", _table(rows), "", "cnnlab train EXPERIMENT -P FIELD=VALUE ... "
+                     "(or mlflow run . -e EXPERIMENT -P FIELD=VALUE for the fields MLproject lists)"]))
+    return 0
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def cmd_reproduce(args) -> int:
@@ -174,38 +215,95 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _common() -> argparse.ArgumentParser:
+    """-q, -v and --log-file, accepted by every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="also debug lines and MLflow's own")
+    common.add_argument("--log-file", metavar="PATH", help="also write the log to PATH (appended)")
+    return common
+
+
+COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example for `cnnlab NAME --help`)
+    "train": ("train and evaluate one experiment as one MLflow run",
+              "Train one experiment, evaluate it on validation and test, and log everything to MLflow: config, "
+              "data digests,\nper-epoch metrics, evaluation plots and the model. One line per epoch on stderr; "
+              "the result as JSON on stdout.\n\n  cnnlab train fmnist_cnn -P epochs=3\n"
+              "  cnnlab train fer_cnn -P variant=model1 -P lr=1e-4\n  cnnlab train fer_best --show-config"),
+    "experiments": ("list every experiment, its fields, defaults and allowed values",
+                    "Every experiment (preset) with its default for each field that -P sets, the field's type and "
+                    "its allowed values.\n\n  cnnlab experiments\n  cnnlab train fer_cnn -P lr=1e-4 --show-config"
+                    "    # one experiment, with your values"),
+    "tune": ("search hyperparameters with Optuna; resumes; retrains the best",
+             "Run (or resume) the Optuna study of a search-space YAML: one MLflow parent run with the trials nested "
+             "under it,\nupdated after every trial (best so far, trials table, plots), then the best configuration "
+             "retrained and\nevaluated once on test.\n\n  cnnlab tune tuning/fer_cnn_grid.yaml\n"
+             "  cnnlab tune tuning/fmnist_cnn.yaml -P limit=2000 --n-trials 6 --no-final"),
+    "register": ("register the best run as a model version; champion or challenger",
+                 "Make the best FINISHED run (by val_accuracy) of an experiment, or a study's final run, a new "
+                 "version of a\nregistered model; `champion` moves only when it beats the current one on the same "
+                 "data.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
+    "compare": ("is B really better than A? McNemar and a paired bootstrap on the same images",
+                "Pair two runs' per-image predictions and test whether their accuracies differ.\n\n"
+                "  cnnlab compare RUN_ID_A RUN_ID_B --split test"),
+    "reproduce": ("run every experiment of the reports and write claimed vs measured",
+                  "Run (or reuse) every experiment of the two reports under one parent run and write the table of "
+                  "claimed\nagainst measured figures.\n\n  cnnlab reproduce --quick\n"
+                  "  cnnlab reproduce --only fer_grid -P device=cuda"),
+    "demo": ("a page to try a served model: photo or webcam, each face's emotion",
+             "Serve a page where you upload a photo or use the webcam and see each face boxed with its emotion "
+             "and the\nclass probabilities, from a model served by `mlflow models serve`.\n\n"
+             "  mlflow models serve -m models:/fer_cnn@champion --env-manager local -p 5000 &\n"
+             "  cnnlab demo --model-url http://127.0.0.1:5000"),
+    "stack": ("the team stack on loopback: PostgreSQL, SeaweedFS S3, mlflow server",
+              "Start, stop or check the team stack; prints its URLs as JSON.\n\n  cnnlab stack up\n"
+              "  cnnlab stack status"),
+    "mlproject": ("print the MLproject file that the presets define",
+                  "Print the MLproject file generated from the presets.\n\n  cnnlab mlproject > MLproject"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run", epilog_from=_train_epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", help="a preset of src/cnnlab/config.py (listed below)")
+    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__, epilog="`cnnlab COMMAND --help` "
+                                     "explains each command with an example.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    common = _common()
+
+    def command(name: str, func, **kwargs) -> argparse.ArgumentParser:
+        summary, description = COMMANDS[name]
+        p = sub.add_parser(name, help=summary, description=description, parents=[common],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", cmd_train, epilog_from=_train_epilog)
+    p.add_argument("experiment", help="an experiment (listed below; details: cnnlab experiments)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. -P epochs=3 -P lr=1e-3")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("reproduce", help="run every experiment of the reports and write claimed vs measured")
+                   help="set a config field, e.g. -P epochs=3 -P lr=1e-3 (fields: cnnlab experiments)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the experiment's every field (with your -P values), its type and allowed values; "
+                   "train nothing")
+    command("experiments", cmd_experiments)
+    p = command("reproduce", cmd_reproduce)
     p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                    help="run only these rows (an experiment, or one grid combination like fer_grid/dropout=0.3/lr=0.001)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field in every row, e.g. -P device=cuda -P precision=bf16")
+                   help="set a config field in every row, e.g. -P device=cuda -P precision=bf16")
     p.add_argument("--out", default="reports", help="folder for reproduce.md / .html / .json (default: reports)")
-    p.set_defaults(func=cmd_reproduce)
-    p = sub.add_parser("stack", help="the team stack on loopback: PostgreSQL, SeaweedFS S3, mlflow server")
+    p = command("stack", cmd_stack)
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--root", default=".cnnlab/stack", help="data, logs and pid files (default: .cnnlab/stack)")
     p.add_argument("--mlflow-port", type=int, default=0, help="0: the port used last time, else a free one")
     p.add_argument("--s3-port", type=int, default=0)
     p.add_argument("--pg-port", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="mlflow server worker processes")
-    p.set_defaults(func=cmd_stack)
-    p = sub.add_parser("register", help="register the best run of an experiment or study; champion or challenger")
-    p.add_argument("experiment", nargs="?", default="", help="MLflow experiment to pick from (e.g. fer_cnn)")
+    p = command("register", cmd_register)
+    p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
-    p.add_argument("--name", default="", help="registered model name (default: the run's experiment tag)")
-    p.set_defaults(func=cmd_register)
-    p = sub.add_parser("tune", help="Optuna study over one experiment; resumes; final retrain of the best")
+    p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
+    p = command("tune", cmd_tune)
     p.add_argument("space", help="search space YAML, e.g. tuning/fer_cnn.yaml")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default: the YAML's, else sqlite:///optuna.db); "
                    "postgresql://USER@HOST/DB for several workers or machines")
@@ -219,30 +317,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
-    p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("demo", help="a page to try a served model: upload a photo or use the webcam, see each face's "
-                       "emotion and probabilities")
+    p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="(default: 8080)")
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request forwarded to the model (default: 16)")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("mlproject", help="print the MLproject file that the presets define (> MLproject)")
-    p.set_defaults(func=cmd_mlproject)
-    p = sub.add_parser("compare", help="McNemar's test and a paired bootstrap interval: run B against run A, same images")
+    command("mlproject", cmd_mlproject)
+    p = command("compare", cmd_compare)
     p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
     p.add_argument("run_b", help="MLflow run ID of model B")
     p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
     p.add_argument("--resamples", type=_argument("int", least=1), help="bootstrap resamples (default: 2000)")
     p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
     p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
-    p.set_defaults(func=cmd_compare)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import logs
+
+    logs.setup(-1 if args.quiet else args.verbose, args.log_file)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
