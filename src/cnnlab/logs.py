@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,11 +13,13 @@ from tqdm import tqdm
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 log = logging.getLogger(__name__)
 _console_level = logging.INFO  # what the user asked to see on stderr (library use: INFO, bars on a terminal)
+settings: tuple | None = None  # setup's arguments, for worker processes to log the same way
 
 
 def setup(verbosity: int = 0, log_file: str | None = None) -> None:
     """The CLI's logging: -q (verbosity -1) warnings only, -v (1) debug and MLflow's info; warnings as log records."""
-    global _console_level
+    global _console_level, settings
+    settings = (verbosity, log_file)
     _console_level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     console = _Stderr()
     console.setLevel(_console_level)
@@ -29,7 +32,7 @@ def setup(verbosity: int = 0, log_file: str | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, handlers=handlers, force=True)
     logging.getLogger("cnnlab").setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
     logging.captureWarnings(True)
-    adopt_mlflow()
+    adopt(*(name for name in ("mlflow", "alembic", "optuna") if name in sys.modules))
 
 
 class _Stderr(logging.StreamHandler):
@@ -47,18 +50,18 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
-def adopt_mlflow() -> None:
-    """MLflow's loggers write through ours (console and files) at warning level, info with -v; its progress bars off.
+def adopt(*names: str) -> None:
+    """Libraries' loggers (MLflow, Optuna) write through ours, console and files, at warning level (info with -v).
 
-    MLflow installs its own stderr handler on import; this undoes it once the CLI has set logging up."""
-    if "mlflow" not in sys.modules or not logging.getLogger().handlers:
+    They install their own stderr handlers on import: the modules that import them call this, which acts only once
+    the CLI has set logging up."""
+    if not logging.getLogger().handlers:
         return
-    import os
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per model download: noise
-    for name in ("mlflow", "alembic"):
+    for name in names:
         logger = logging.getLogger(name)
         logger.handlers, logger.propagate = [], True
-        logger.setLevel(logging.INFO if _console_level <= logging.DEBUG and name == "mlflow" else logging.WARNING)
+        logger.setLevel(logging.INFO if _console_level <= logging.DEBUG else logging.WARNING)
 
 
 def bars() -> bool:

@@ -19,7 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_RUN_NAME
 from . import logs
 from .data import Split
 
-logs.adopt_mlflow()  # MLflow's log records through the CLI's handlers, once it is imported
+logs.adopt("mlflow", "alembic")  # MLflow's log records through the CLI's handlers
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Machine learning" experiment kind
 log = logging.getLogger(__name__)
@@ -99,6 +99,8 @@ def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: di
     gets `run_name` instead of its random one; its experiment is tagged as model training.
     """
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    if run_id:  # resuming a run: start_run refuses it while another experiment is the active one
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     hidden = os.environ.pop("MLFLOW_RUN_ID", None) if nested else None  # start_run would resume it, not nest
     try:
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,

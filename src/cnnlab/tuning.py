@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from . import devices, experiments, tracking
+from . import devices, experiments, logs, tracking
 from .config import field_types, make_config, parse_value
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -44,6 +44,7 @@ PLOTS = {"optimization_history": optuna.visualization.plot_optimization_history,
          "intermediate_values": optuna.visualization.plot_intermediate_values}
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+logs.adopt("optuna")  # its per-trial lines through the CLI's handlers (with -v): cnnlab logs its own per trial
 log = logging.getLogger(__name__)
 
 
@@ -301,8 +302,10 @@ def optimize(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, n_
                    callbacks=[enough, progress], gc_after_trial=True)
 
 
-def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int) -> None:
-    """A worker process: its own storage connections and a share of the CPU threads."""
+def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, log_settings: tuple | None) -> None:
+    """A worker process: its own storage connections, a share of the CPU threads, the parent's log settings."""
+    if log_settings:
+        logs.setup(*log_settings)
     torch.set_num_threads(threads)
     tracking.init_tracking(spec["experiment"])
     storage = make_storage(spec)
@@ -324,8 +327,8 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
     threads = devices.threads_per_worker(workers)
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
-    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads), name=f"tune-worker-{i}")
-             for i, n in enumerate(shares) if n]
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, logs.settings),
+                           name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
     for p in procs:
