@@ -41,7 +41,8 @@ def test_installed_versions_satisfy_pyproject():
 def test_conda_env_lists_the_same_ranges():
     import yaml
 
-    pip = next(d["pip"] for d in yaml.safe_load((REPO / "conda.yaml").read_text())["dependencies"] if isinstance(d, dict))
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     assert {str(Requirement(d)) for d in pip if d != "-e ."} == {str(r) for r in requirements().values()}
 
 
@@ -124,7 +125,8 @@ class Floor:
                 for alias in node.names:
                     if (alias.asname or alias.name) == name:
                         source = self.absolute(node, module)
-                        return self.resolve(f"{source}.{alias.name}", depth + 1) or self.module(f"{source}.{alias.name}")
+                        target = f"{source}.{alias.name}"
+                        return self.resolve(target, depth + 1) or self.module(target)
             if isinstance(node, ast.Import):
                 if any((a.asname or a.name) == name for a in node.names):
                     return True

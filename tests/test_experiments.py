@@ -124,7 +124,8 @@ def test_mlflow_run_entry_points_end_to_end(fmnist_dir, tmp_path):
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
-    mlflow_run("-e", "fmnist_cnn", "-P", "epochs=1", "-P", "limit=300", "-P", "classes=10", "-P", f"data_dir={fmnist_dir}")
+    mlflow_run("-e", "fmnist_cnn", "-P", "epochs=1", "-P", "limit=300", "-P", "classes=10",
+               "-P", f"data_dir={fmnist_dir}")
     (r,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id])
     assert r.info.status == "FINISHED" and r.data.params["classes"] == "10"
     assert r.info.run_name == "fmnist_cnn epochs=1 classes=10 limit=300"  # not MLflow's random name

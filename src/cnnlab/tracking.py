@@ -35,7 +35,7 @@ def init_tracking(experiment: str | None = None) -> str:
 
 
 def mark_experiment(experiment_id: str) -> None:
-    """Tag the experiment as model training (MLflow's UI opens such experiments in that layout), unless it has a kind."""
+    """Tag the experiment as model training (the layout MLflow's UI opens it in), unless it has a kind already."""
     client = MlflowClient()
     if KIND_TAG not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
@@ -140,7 +140,7 @@ def log_split(split: Split, context: str):
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("" and file://): a path matches both
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("", file): a path matches both
         warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
         source = resolve_dataset_source(split.summary["source"])
     dataset = MetaDataset(source, name=f"{split.name} ({len(split)} images)", digest=split.digest)
