@@ -22,7 +22,7 @@ data:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
 
 run: setup data
-	mlflow run . -e fmnist_cnn --env-manager local
+	mlflow run . -e fmnist_cnn --env-manager local --experiment-name fmnist_cnn
 
 test: setup data postgres chromium
 	$(BIN)/python -m pytest

@@ -7,6 +7,7 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from cnnlab.experiments import make_config, run
@@ -29,7 +30,7 @@ def test_fmnist_run_logs_config_data_metrics_artifacts_and_model(fmnist_dir):
     assert {"git_commit", "dataset_digest", "config_digest"} <= set(r.data.tags)
     assert r.data.tags["config_digest"] == cfg.digest()
     history = MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == [1, 2]
+    assert sorted({m.step for m in history}) == [1, 2]  # the last again on the logged model, with its dataset
     assert r.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"])
     assert 0.0 <= r.data.metrics["test_auc_shoes"] <= 1.0
     files = artifacts(r.info.run_id)
@@ -106,7 +107,7 @@ def test_fer_variants_train_and_log(fer_subset, experiment, overrides):
     result = run(cfg)
     r = mlflow.get_run(result["run_id"])
     assert r.info.status == "FINISHED"
-    assert len(MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")) == cfg.total_epochs()
+    assert len({m.step for m in MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")}) == cfg.total_epochs()
     assert "test_auc_happy" in r.data.metrics and "val_f1_neutral" in r.data.metrics
     files = artifacts(r.info.run_id)
     assert {"evaluation/test_confusion_matrix.png", "evaluation/val_roc.png"} <= files
@@ -115,16 +116,37 @@ def test_fer_variants_train_and_log(fer_subset, experiment, overrides):
 
 
 @pytest.mark.slow
-def test_mlflow_run_entry_point_end_to_end(fmnist_dir, tmp_path):
+def test_mlflow_run_entry_points_end_to_end(fmnist_dir, tmp_path):
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
-    proc = subprocess.run(["mlflow", "run", str(REPO), "-e", "fmnist_cnn", "--env-manager", "local",
-                           "-P", "epochs=1", "-P", "limit=300", "-P", "classes=10", "-P", f"data_dir={fmnist_dir}"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def mlflow_run(*args: str) -> None:
+        proc = subprocess.run(["mlflow", "run", str(REPO), "--env-manager", "local", *args],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    mlflow_run("-e", "fmnist_cnn", "-P", "epochs=1", "-P", "limit=300", "-P", "classes=10",
+               "-P", f"data_dir={fmnist_dir}")
     (r,) = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id])
     assert r.info.status == "FINISHED" and r.data.params["classes"] == "10"
+    assert r.info.run_name == "fmnist_cnn epochs=1 classes=10 limit=300"  # not MLflow's random name
     assert "test_accuracy" in r.data.metrics and "test_auc_bag" in r.data.metrics
     assert mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model").metadata.signature is not None
+
+    # a study's parent run and its trials share one experiment, with or without --experiment-name
+    space = tmp_path / "tiny.yaml"
+    space.write_text(yaml.safe_dump({"experiment": "fmnist_mlp", "n_trials": 2, "sampler": {"type": "grid"},
+                                     "fixed": {"epochs": 1, "limit": 100, "data_dir": str(fmnist_dir)},
+                                     "space": {"lr": {"type": "categorical", "choices": [1e-3, 3e-3]}}}))
+    for experiment in ("", "studies"):
+        mlflow_run("-e", "tune", "-P", f"space={space}", "-P", f"study_name=tiny{experiment}", "-P", "final=false",
+                   "-P", f"storage=sqlite:///{tmp_path / 'optuna.db'}",
+                   *(["--experiment-name", experiment] if experiment else []))
+        runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.study = 'tiny{experiment}'",
+                                  output_format="list")
+        (parent,) = [r for r in runs if r.data.tags.get("tuning") == "study"]
+        assert parent.info.run_name == f"tiny{experiment}" and len(runs) == 3
+        assert {mlflow.get_experiment(r.info.experiment_id).name for r in runs} == {experiment or "Default"}
+        assert {r.data.tags.get("mlflow.parentRunId") for r in runs if r is not parent} == {parent.info.run_id}
 
 
 @pytest.mark.slow

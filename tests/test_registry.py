@@ -20,7 +20,8 @@ def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", s
     tracking.init_tracking(experiment)
     with mlflow.start_run() as run:
         mlflow.set_tags({"experiment": experiment, "dataset_digest": digest, "git_commit": "c0ffee", **tags})
-        mlflow.log_metrics({"val_accuracy": val, "test_accuracy": val - 0.01, "test_macro_f1": val - 0.02})
+        mlflow.log_metrics({"val_accuracy": val, "test_accuracy": val - 0.01, "test_macro_f1": val - 0.02,
+                            "test_auc_a": 0.9, "test_f1_b": 0.8})
         if model:
             net = Classifier(Preprocess(0.3, 0.3, 28), models.create(**SPEC))
             tracking.log_model(net, SPEC, ["a", "b", "c"], np.zeros((2, 28, 28), np.uint8))
@@ -43,6 +44,8 @@ def test_champion_moves_only_on_improvement():
     assert version.tags["source_run"] == first and version.tags["dataset_digest"] == "d1"
     assert version.tags["git_commit"] == "c0ffee" and float(version.tags["test_accuracy"]) == pytest.approx(0.59)
     assert float(version.tags["val_accuracy"]) == pytest.approx(0.60) and "test_macro_f1" in version.tags
+    assert set(version.tags) == {"val_accuracy", "test_accuracy", "test_macro_f1", "dataset_digest", "source_run",
+                                 "git_commit"}  # a few to scan; every metric stays on the logged model
 
     registry.register("fmnist_cnn")  # the same best run again: no new version
     assert len(MlflowClient().search_model_versions("name = 'fmnist_cnn'")) == 1

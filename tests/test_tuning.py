@@ -62,9 +62,16 @@ def test_grid_study_tracks_every_trial_and_retrains_the_best(fmnist_dir, tmp_pat
     assert parent.info.run_id == summary["parent_run_id"]
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
     assert parent.data.tags["best.lr"] == str(study.best_params["lr"])
-    assert artifacts(parent.info.run_id, "study/plots") == [
-        f"study/plots/{n}.html" for n in sorted(("intermediate_values", "optimization_history",
-                                                 "parallel_coordinate", "param_importances"))]
+    assert parent.data.params["space.dropout"] == "[0.2, 0.5]" and parent.data.params["space.lr"] == "[0.001, 0.003]"
+    # the parent shows the study as it runs: best so far after every trial (step = trial number)
+    best = mlflow.MlflowClient().get_metric_history(parent.info.run_id, "best_val_accuracy")
+    running_best = [max(t.value for t in study.trials[: n + 1]) for n in range(4)]
+    assert sorted((m.step, m.value) for m in best) == list(enumerate(running_best))
+    page = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="study/plots.html"))
+    text = page.read_text()
+    assert all(f"<h2>{n}</h2>" in text for n in ("optimization history", "parallel coordinate",
+                                                 "param importances", "intermediate values"))
+    assert text.count("plotly.js v") == 1 and "src=\"https://" not in text  # one embedded copy: renders offline
     csv = Path(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="study/trials.csv"))
     assert len(csv.read_text().splitlines()) == 5
 
@@ -238,7 +245,7 @@ def test_cli_tune_and_its_errors(fmnist_dir, tmp_path, capsys):
     assert cli.main(["tune", str(path), "--n-trials", "1", "--no-final", "--params", f"data_dir={fmnist_dir}"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["study"], out["n_complete"]) == ("one", 1) and "final" not in out
-    skipped = mlflow.artifacts.load_dict(f"runs:/{out['parent_run_id']}/study/plots/skipped.json")
+    skipped = mlflow.artifacts.load_dict(f"runs:/{out['parent_run_id']}/study/summary.json")["skipped_plots"]
     assert "2 complete trials" in skipped["param_importances"]
 
     assert cli.main(["tune", str(path), "--workers", "2"]) == 2

@@ -1,4 +1,5 @@
-"""`cnnlab <command>`: the only place that parses arguments, and the MLproject entry points that call it."""
+"""cnnlab: image-classification experiments tracked in MLflow (Fashion-MNIST, FER2013): train, tune, register,
+compare, reproduce the reports, and try a served model in the browser."""
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,51 @@ def _argument(kind: str, least: int | None = None):
 
 def cmd_train(args) -> int:
     from .config import make_config, parse_params
+
+    cfg = make_config(args.experiment, **parse_params(args.param))
+    if args.show_config:
+        print(show_config(cfg))
+        return 0
     from .experiments import run
 
-    result = run(make_config(args.experiment, **parse_params(args.param)))
-    print(json.dumps(result, indent=2))
+    print(json.dumps(run(cfg), indent=2))
     return 0
+
+
+def _allowed(name: str, allowed: dict) -> str:
+    return "|".join(map(str, allowed[name])) if name in allowed else ""
+
+
+def show_config(cfg) -> str:
+    """Every field of `cfg`: value (* where it differs from the experiment's default), type and allowed values."""
+    from dataclasses import asdict
+
+    from .config import allowed_values, field_types, make_config
+
+    preset, types, allowed = asdict(make_config(cfg.experiment)), field_types(), allowed_values()
+    rows = [("field", "value", "type", "allowed"), *(
+        (k, f"{v}{' *' if v != preset[k] else ''}", types[k], _allowed(k, allowed)) for k, v in asdict(cfg).items())]
+    return _table(rows) + "\n* set by -P; change any field with -P FIELD=VALUE"
+
+
+def cmd_experiments(args) -> int:
+    from dataclasses import asdict
+
+    from .config import PRESETS, allowed_values, field_types, make_config
+
+    configs = {name: asdict(make_config(name)) for name in PRESETS}
+    types, allowed = field_types(), allowed_values()
+    lines = [f"{name:14} {preset.summary}" for name, preset in PRESETS.items()]
+    rows = [("field", "type", *PRESETS, "allowed"), *(
+        (k, types[k], *(str(c[k]) for c in configs.values()), _allowed(k, allowed)) for k in types)]
+    print("\n".join([*lines, "", _table(rows), "", "cnnlab train EXPERIMENT -P FIELD=VALUE ... "
+                     "(or mlflow run . -e EXPERIMENT -P FIELD=VALUE for the fields MLproject lists)"]))
+    return 0
+
+
+def _table(rows: list[tuple]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def cmd_reproduce(args) -> int:
@@ -222,25 +263,89 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def _common() -> argparse.ArgumentParser:
+    """-q, -v and --log-file, accepted by every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print warnings and errors only")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="also debug lines and MLflow's own")
+    common.add_argument("--log-file", metavar="PATH", help="also write the log to PATH (appended)")
+    return common
+
+
+COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example for `cnnlab NAME --help`)
+    "train": ("train and evaluate one experiment as one MLflow run",
+              "Train one experiment, evaluate it on validation and test, and log everything to MLflow: config, "
+              "data digests,\nper-epoch metrics, evaluation plots and the model. One line per epoch on stderr; "
+              "the result as JSON on stdout.\n\n  cnnlab train fmnist_cnn -P epochs=3\n"
+              "  cnnlab train fer_cnn -P variant=model1 -P lr=1e-4\n  cnnlab train fer_best --show-config"),
+    "experiments": ("list every experiment, its fields, defaults and allowed values",
+                    "Every experiment (preset) with its default for each field that -P sets, the field's type and "
+                    "its allowed values.\n\n  cnnlab experiments\n  cnnlab train fer_cnn -P lr=1e-4 --show-config"
+                    "    # one experiment, with your values"),
+    "tune": ("search hyperparameters with Optuna; resumes; retrains the best",
+             "Run (or resume) the Optuna study of a search-space YAML: one MLflow parent run with the trials nested "
+             "under it,\nupdated after every trial (best so far, trials table, plots), then the best configuration "
+             "retrained and\nevaluated once on test.\n\n  cnnlab tune tuning/fer_cnn_grid.yaml\n"
+             "  cnnlab tune tuning/fmnist_cnn.yaml -P limit=2000 --n-trials 6 --no-final"),
+    "register": ("register the best run as a model version; champion or challenger",
+                 "Make the best FINISHED run (by val_accuracy) of an experiment, or a study's final run, a new "
+                 "version of a\nregistered model; `champion` moves only when it beats the current one on the same "
+                 "data.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
+    "compare": ("is B really better than A? McNemar and a paired bootstrap on the same images",
+                "Pair two runs' per-image predictions and test whether their accuracies differ.\n\n"
+                "  cnnlab compare RUN_ID_A RUN_ID_B --split test"),
+    "reproduce": ("run every experiment of the reports and write claimed vs measured",
+                  "Run (or reuse) every experiment of the two reports under one parent run and write the table of "
+                  "claimed\nagainst measured figures.\n\n  cnnlab reproduce --quick\n"
+                  "  cnnlab reproduce --only fer_grid -P device=cuda"),
+    "demo": ("a page to try a served model: photo or webcam, each face's emotion",
+             "Serve a page where you upload a photo or use the webcam and see each face boxed with its emotion "
+             "and the\nclass probabilities, from a model served by `mlflow models serve`.\n\n"
+             "  mlflow models serve -m models:/fer_cnn@champion --env-manager local -p 5000 &\n"
+             "  cnnlab demo --model-url http://127.0.0.1:5000"),
+    "stack": ("the team stack: PostgreSQL, SeaweedFS S3 and an mlflow server with users",
+              "Start, stop or check the team stack (prints its URLs as JSON), rotate its passwords, and manage its "
+              "MLflow users.\n\n  cnnlab stack up\n  cnnlab stack user add alice\n  cnnlab stack user add bob --read-only\n"
+              "  cnnlab stack rotate optuna"),
+    "runs": ("export runs with their models from a store, or import them into this one",
+             "Move tracked runs (params, metrics, tags, artifacts, logged models) between MLflow stores, e.g. from a "
+             "GPU machine's\nlocal store to this one or the team server; importing twice adds nothing.\n\n"
+             "  cnnlab runs export out/ --pack parts/\n  cnnlab runs import parts/"),
+    "mlproject": ("print the MLproject file that the presets define",
+                  "Print the MLproject file generated from the presets.\n\n  cnnlab mlproject > MLproject"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train and evaluate one experiment as one MLflow run", epilog_from=_train_epilog,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", help="a preset of src/cnnlab/config.py (listed below)")
+    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__, epilog="`cnnlab COMMAND --help` "
+                                     "explains each command with an example.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    common = _common()
+
+    def command(name: str, func, **kwargs) -> argparse.ArgumentParser:
+        summary, description = COMMANDS[name]
+        p = sub.add_parser(name, help=summary, description=description, parents=[common],
+                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("train", cmd_train, epilog_from=_train_epilog)
+    p.add_argument("experiment", help="an experiment (listed below; details: cnnlab experiments)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. -P epochs=3 -P lr=1e-3")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("reproduce", help="run every experiment of the reports and write claimed vs measured")
+                   help="set a config field, e.g. -P epochs=3 -P lr=1e-3 (fields: cnnlab experiments)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the experiment's every field (with your -P values), its type and allowed values; "
+                   "train nothing")
+    command("experiments", cmd_experiments)
+    p = command("reproduce", cmd_reproduce)
     p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
                    help="run only these rows (an experiment, or one grid combination like fer_grid/dropout=0.3/lr=0.001)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field in every row, e.g. -P device=cuda -P precision=bf16")
+                   help="set a config field in every row, e.g. -P device=cuda -P precision=bf16")
     p.add_argument("--out", default="reports", help="folder for reproduce.md / .html / .json (default: reports)")
-    p.set_defaults(func=cmd_reproduce)
-    stack = sub.add_parser("stack", help="the team stack: PostgreSQL, SeaweedFS S3, mlflow server with users")
+    stack = command("stack", cmd_stack)
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--root", default=".cnnlab/stack", help="data, secrets, logs, pids (default: .cnnlab/stack)")
     actions = stack.add_subparsers(dest="action", required=True)
@@ -248,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("down", "stop every service (data and secrets stay)"), ("status", "which services answer"),
                          ("rotate", "a new password for database role mlflow or optuna, or a new S3 key"),
                          ("docker-secrets", "the secret files of docker/compose.yaml (missing ones only)")):
-        p = actions.add_parser(action, parents=[where], help=what)
+        p = actions.add_parser(action, parents=[where, common], help=what)
         if action == "rotate":
             p.add_argument("what", choices=["optuna", "mlflow", "s3"])
         if action == "docker-secrets":
@@ -265,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action, what in (("add", "a new user with a generated password (a teammate unless --read-only)"),
                          ("passwd", "a new generated password (rotation)"), ("remove", "delete the user"),
                          ("list", "users and their access")):
-        p = user.add_parser(action, parents=[where], help=what)
+        p = user.add_parser(action, parents=[where, common], help=what)
         p.add_argument("--tracking-uri", default="", help="another server (docker compose's); default: this root's")
         p.add_argument("--admin-credentials", default="", help="its admin's credentials (docker/secrets/admin.env)")
         if action != "list":
@@ -275,12 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "add":
             p.add_argument("--read-only", action="store_true", help="reads everything, changes nothing of the team's")
         p.set_defaults(func=cmd_stack_user)
-    p = sub.add_parser("register", help="register the best run of an experiment or study; champion or challenger")
-    p.add_argument("experiment", nargs="?", default="", help="MLflow experiment to pick from (e.g. fer_cnn)")
+    p = command("register", cmd_register)
+    p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
-    p.add_argument("--name", default="", help="registered model name (default: the run's experiment tag)")
-    p.set_defaults(func=cmd_register)
-    p = sub.add_parser("tune", help="Optuna study over one experiment; resumes; final retrain of the best")
+    p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
+    p = command("tune", cmd_tune)
     p.add_argument("space", help="search space YAML, e.g. tuning/fer_cnn.yaml")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default: the YAML's, else sqlite:///optuna.db); "
                    "postgresql://USER@HOST/DB for several workers or machines")
@@ -294,45 +398,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
-    p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("demo", help="a page to try a served model: upload a photo or use the webcam, see each face's "
-                       "emotion and probabilities")
+    p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="(default: 8080)")
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request forwarded to the model (default: 16)")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("mlproject", help="print the MLproject file that the presets define (> MLproject)")
-    p.set_defaults(func=cmd_mlproject)
-    p = sub.add_parser("compare", help="McNemar's test and a paired bootstrap interval: run B against run A, same images")
+    command("mlproject", cmd_mlproject)
+    p = command("compare", cmd_compare)
     p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
     p.add_argument("run_b", help="MLflow run ID of model B")
     p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
     p.add_argument("--resamples", type=_argument("int", least=1), help="bootstrap resamples (default: 2000)")
     p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
     p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
-    p.set_defaults(func=cmd_compare)
-    p = sub.add_parser("runs", help="export runs (with logged models) from a store, or import them into this one")
+    p = command("runs", cmd_runs)
     runs = p.add_subparsers(dest="action", required=True)
-    e = runs.add_parser("export", help="write the store's runs into a folder; --pack splits it into parts")
+    e = runs.add_parser("export", parents=[common], help="write the store's runs into a folder; --pack splits it into parts")
     e.add_argument("dest", help="export folder (an existing export there is extended)")
     e.add_argument("--experiment", action="append", default=[], help="only this experiment (repeatable)")
     e.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="store cnnlab model weights at this precision (fp16/bf16: half the bytes)")
     e.add_argument("--pack", default="", metavar="DIR", help="also write DIR/runs.tgz.001-of-00N parts")
     e.add_argument("--part-mb", type=float, default=15, help="largest part in MiB (default 15)")
-    i = runs.add_parser("import", help="import an export (folder, packed parts or tar); already imported runs are skipped")
+    i = runs.add_parser("import", parents=[common], help="import an export (folder, packed parts or tar); already imported runs are skipped")
     i.add_argument("source", help="export folder, one part or the folder of parts, or a .tgz")
     i.add_argument("--experiment", default="", help="put every run into this experiment (default: its own)")
     for q in (e, i):
         q.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    p.set_defaults(func=cmd_runs)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import logs
+
+    logs.setup(-1 if args.quiet else args.verbose, args.log_file)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, fields
 
 from . import data, models
 from .augment import AUGMENTS, TTA
-from .training import TrainConfig
+from .devices import PRECISIONS
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
 
@@ -40,13 +41,9 @@ class Config(DataOptions, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        checks = [("experiment", self.experiment, PRESETS), ("dataset", self.dataset, data.names()),
-                  ("model", self.model, models.names()), ("freeze", self.freeze, models.FREEZE_STAGES),
-                  ("augment", self.augment, AUGMENTS), ("tta", self.tta, TTA), ("head", self.head, models.HEADS),
-                  ("in_chans", self.in_chans, (1, 3))]
-        for name, value, allowed in checks:
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        for name, allowed in allowed_values(datasets=False).items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         self._validate_data()
         if self.freeze != "none" and self.model != "resnet18":
             raise ValueError(f"freeze={self.freeze!r} applies to resnet18 only, not {self.model!r}")
@@ -132,6 +129,16 @@ def make_config(experiment: str, **overrides) -> Config:
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {experiment}; known: {sorted(known)}")
     return Config(**{**PRESETS[experiment].settings, **overrides, "experiment": experiment})
+
+
+def allowed_values(datasets: bool = True) -> dict[str, tuple]:
+    """Every Config field with a closed set of values, and the set; with `datasets`, the dataset options' too."""
+    allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()),
+               "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+               "freeze": tuple(models.FREEZE_STAGES), "augment": AUGMENTS, "tta": TTA, "head": models.HEADS,
+               "variant": models.VARIANTS, "in_chans": (1, 3)}
+    options = {o.name: o.allowed for name in data.names() for o in data.get(name).options if o.allowed}
+    return {**allowed, **options} if datasets else allowed
 
 
 def field_types() -> dict[str, str]:

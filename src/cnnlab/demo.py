@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -132,6 +133,6 @@ def serve(model_url: str, host: str = "127.0.0.1", port: int = 8080, max_body_mb
         raise ValueError(f"--model-url must be an http:// or https:// URL, got {model_url!r}")
     if not 0 < max_body_mb <= 1024:
         raise ValueError(f"--max-body-mb must be within (0, 1024], got {max_body_mb}")
-    print(f"cnnlab demo: open http://{host}:{port}/ ({ping(model_url.rstrip('/'))[1]})", flush=True)
+    logging.getLogger(__name__).info("open http://%s:%d/ (%s)", host, port, ping(model_url.rstrip("/"))[1])
     app = create_app(model_url, int(max_body_mb * 2**20))
     uvicorn.run(app, host=host, port=port, limit_concurrency=CONCURRENCY, log_level="info")

@@ -1,6 +1,7 @@
 """run(config): one experiment as one MLflow run: the pipeline, with tracking around it."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +16,9 @@ from .config import Config, make_config  # noqa: F401 - make_config: the usual c
 from .training import Checkpoint
 
 CHECKPOINT_ROOT = Path(".cnnlab") / "checkpoints"
+# per evaluated split, on the logged model (with the split as its dataset): what the Models view lists and ranks by
+MODEL_METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", "macro_auc", "ece")
+log = logging.getLogger(__name__)
 
 
 def _checkpoint_dir(cfg: Config) -> Path:
@@ -33,7 +37,9 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
     previous = None if nested else _interrupted_run(ckpt_dir, cfg)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or cfg.label()
-    with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment}) as active:
+    with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment},
+                              monitor=True) as active, tracking.run_log(active.info.run_id):
+        log.info("run %s (%s) in experiment %s", active.info.run_id, name, active.info.experiment_id)
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint
             ckpt_dir = CHECKPOINT_ROOT / f"run-{active.info.run_id}"
@@ -41,7 +47,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
         trained = pipeline.prepare(cfg)
-        _log_data(trained)
+        datasets = _log_data(trained)
         _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
 
         def log_epoch(epoch: int, metrics: dict) -> None:
@@ -49,11 +55,10 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
             if on_epoch_end:
                 on_epoch_end(epoch, metrics)
         pipeline.train(trained, on_epoch_end=log_epoch, checkpoint_path=ckpt_dir / "last.pt")
-        results = _evaluate_and_log(trained)
-        if cfg.log_model:
-            example = trained.splits["test"].images[:2].numpy()
-            tracking.log_model(trained.model.cpu(), trained.spec, trained.classes, example)
+        results = _evaluate_and_log(trained, datasets)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+        log.info("%s; see %s", ", ".join(f"{k} {results[k]:.4f}" for k in ("val_accuracy", "test_accuracy")
+                                         if k in results), tracking.run_url(active))
         return {"run_id": active.info.run_id, **results}
 
 
@@ -64,20 +69,21 @@ def _log_config(cfg: Config, run_id: str) -> None:
     mlflow.log_dict(asdict(cfg), "config.json")
 
 
-def _log_data(trained: pipeline.Trained) -> None:
-    """Tags, the splits as MLflow datasets, their summary, the dataset's own records, and the preprocessing."""
+def _log_data(trained: pipeline.Trained) -> dict:
+    """Tags, the splits as MLflow datasets, their summary, the dataset's own records, and the preprocessing;
+    returns the MLflow datasets by split."""
     cfg, splits, model = trained.cfg, trained.splits, trained.model
     mlflow.set_tags({"experiment": cfg.experiment, "model": cfg.model, "dataset": cfg.dataset,
                      "dataset_digest": splits["train"].digest, "config_digest": cfg.digest(), "seed": str(cfg.seed),
                      **tracking.git_info()})
-    for context, split in splits.items():
-        tracking.log_split(split, context)
+    datasets = {context: tracking.log_split(split, context) for context, split in splits.items()}
     mlflow.log_dict({"sizes": {k: len(s) for k, s in splits.items()}, "classes": trained.classes,
                      **splits["train"].summary}, "data_summary.json")
     for file_name, record in pipeline.data_records(cfg).items():
         mlflow.log_dict(record, file_name)
     mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std,
                        "model_parameters": models.count_parameters(model)})
+    return datasets
 
 
 def _interrupted_run(ckpt_dir: Path, cfg: Config) -> str | None:
@@ -120,10 +126,19 @@ def _carry_over(checkpoint: Checkpoint, run_id: str, previous_run: str | None) -
         mlflow.set_tag("resumed_from_run", previous_run)
 
 
-def _evaluate_and_log(trained: pipeline.Trained) -> dict[str, float]:
+def _evaluate_and_log(trained: pipeline.Trained, datasets: dict) -> dict[str, float]:
+    """Evaluate; log the artifacts, the model (with each split's headline metrics on it) and the other metrics."""
     with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
         results = pipeline.evaluate(trained, Path(tmp))
-        history = trained.history
-        mlflow.log_metrics({k: v for k, v in results.items() if k not in history[-1]}, step=len(history))
         mlflow.log_artifacts(tmp, "evaluation")
+    step = len(trained.history)
+    rest = {k: v for k, v in results.items() if k not in trained.history[-1]}
+    if trained.cfg.log_model:
+        example = trained.splits["test"].images[:2].numpy()
+        model_id = tracking.log_model(trained.model.cpu(), trained.spec, trained.classes, example, step=step)
+        for view in trained.probabilities:  # val, test, and their TTA views: on the split's dataset
+            headline = {f"{view}_{m}": results[f"{view}_{m}"] for m in MODEL_METRICS if f"{view}_{m}" in results}
+            mlflow.log_metrics(headline, step=step, model_id=model_id, dataset=datasets[view.removesuffix("_tta")])
+            rest = {k: v for k, v in rest.items() if k not in headline}
+    mlflow.log_metrics(rest, step=step)
     return results

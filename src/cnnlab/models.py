@@ -10,6 +10,7 @@ from torch import nn
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 FREEZE_STAGES = ["none", "conv1", "layer1", "layer2", "layer3", "layer4"]
 HEADS = ("gap", "fc")
+VARIANTS = ("model1", "model2")  # fer_cnn: model1 feeds a softmax into the loss (the report's bug), model2 logits
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -63,8 +64,8 @@ class FerCNN(nn.Sequential):
     """The FER report's custom CNN; model1 ends in a softmax that is (wrongly) fed to CrossEntropyLoss."""
 
     def __init__(self, num_classes: int = 7, in_chans: int = 1, dropout: float = 0.3, variant: str = "model2"):
-        if variant not in ("model1", "model2"):
-            raise ValueError(f"variant must be 'model1' or 'model2', got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
         layers = [
             nn.Conv2d(in_chans, 32, 3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),

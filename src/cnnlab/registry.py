@@ -34,12 +34,13 @@ def best_run(experiment: str | None = None, study: str | None = None):
     raise ValueError(f"no FINISHED run with {METRIC} and a logged model for {what} in {mlflow.get_tracking_uri()}")
 
 
-def version_tags(run) -> dict[str, str]:
-    """Test metrics, validation accuracy, dataset digest, source run and git commit of the run."""
-    tags = {k: str(v) for k, v in run.data.metrics.items() if k.startswith("test_")}
-    keep = ("experiment", "model", "dataset", "dataset_digest", "config_digest", "git_commit", "git_dirty", "study")
-    tags.update({k: run.data.tags[k] for k in keep if k in run.data.tags})
-    return {**tags, METRIC: str(run.data.metrics[METRIC]), "source_run": run.info.run_id}
+def version_tags(run, logged) -> dict[str, str]:
+    """What a person scans on a version: accuracy and macro F1 (the logged model's, measured on its datasets, else
+    the run's), dataset digest, source run and git commit. Every other metric stays on the logged model."""
+    metrics = {**run.data.metrics, **{m.key: m.value for m in logged.metrics or [] if m.dataset_name}}
+    tags = {k: str(metrics[k]) for k in (METRIC, "test_accuracy", "test_macro_f1") if k in metrics}
+    tags.update({k: run.data.tags[k] for k in ("dataset_digest", "git_commit", "study") if k in run.data.tags})
+    return {**tags, "source_run": run.info.run_id}
 
 
 def champion(client: MlflowClient, name: str):
@@ -75,7 +76,7 @@ def register(experiment: str | None = None, study: str | None = None, name: str 
         aliases = ",".join(v.aliases) or "none"
         return {**summary, "version": v.version, "alias": aliases, "registered": False,
                 "reason": f"run {run.info.run_id} is already registered as {name} v{v.version} (aliases: {aliases})"}
-    tags = version_tags(run)
+    tags = version_tags(run, logged)
     alias, reason = choose_alias(tags, champion(client, name))
     version = mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import logging
 import re
 import tempfile
 import time
@@ -23,6 +24,8 @@ from markupsafe import Markup, escape
 
 from . import experiments, models, pipeline, tracking
 from .config import Config, make_config, parse_value
+
+log = logging.getLogger(__name__)
 
 CLAIMS = Path(__file__).with_name("claims.yaml")
 QUICK_LIMIT = 400
@@ -235,7 +238,7 @@ def reproduce(quick: bool = False, only: list[str] | None = None, overrides: dic
         results = {}
         for i, (name, cfg) in enumerate(configs.items(), 1):
             results[name] = measure(cfg)
-            print(f"[{i}/{len(configs)}] {name}: {_status_line(results[name])}", flush=True)
+            log.info("[%d/%d] %s: %s", i, len(configs), name, _status_line(results[name]))
         meta = {"configs": configs, "tracking_uri": uri, "parent_run_id": parent.info.run_id,
                 "experiment_id": parent.info.experiment_id, "quick": quick, "overrides": overrides,
                 "wall_s": time.perf_counter() - t0, **git}

@@ -1,17 +1,28 @@
-"""Everything MLflow: tracking URI, runs that end FAILED on errors, params, datasets, artifacts, models."""
+"""Everything MLflow: tracking URI, experiments, runs that end FAILED on errors, params, datasets, artifacts,
+models and their metrics, system metrics."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
+import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
+from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_RUN_NAME
 
+from . import logs
 from .data import Split
 
+logs.adopt("mlflow", "alembic")  # MLflow's log records through the CLI's handlers
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI's "Machine learning" experiment kind
+log = logging.getLogger(__name__)
 
 
 def init_tracking(experiment: str | None = None) -> str:
@@ -21,6 +32,38 @@ def init_tracking(experiment: str | None = None) -> str:
     if experiment and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     return uri
+
+
+def mark_experiment(experiment_id: str) -> None:
+    """Tag the experiment as model training (the layout MLflow's UI opens it in), unless it has a kind already."""
+    client = MlflowClient()
+    if KIND_TAG not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, KIND_TAG, KIND)
+
+
+def _generated_name(run) -> bool:
+    """True for a run `mlflow run` created without --run-name: the store gave it a random adjective-noun-number."""
+    from mlflow.utils.name_utils import _GENERATOR_NOUNS, _GENERATOR_PREDICATES  # the store's own word lists
+
+    if MLFLOW_PROJECT_ENTRY_POINT not in run.data.tags:
+        return False
+    match = re.fullmatch(r"([a-z]+)-([a-z]+)-\d+", run.info.run_name or "")
+    return bool(match) and match[1] in _GENERATOR_PREDICATES and match[2] in _GENERATOR_NOUNS
+
+
+def system_metrics() -> bool:
+    """Log CPU, memory, disk, network (and GPU with nvidia-ml-py) as system/* metrics: on unless
+    MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false."""
+    return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get() if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined else True
+
+
+def run_url(run) -> str:
+    """Where to see the run in MLflow's UI (in its model-training layout)."""
+    uri = mlflow.get_tracking_uri()
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
 
 
 def git_info() -> dict[str, str]:
@@ -64,19 +107,28 @@ def access_error(text: str, tracking_uri: str | None = None) -> str | None:
 
 
 @contextlib.contextmanager
-def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: dict | None = None, nested: bool = False):
+def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: dict | None = None, nested: bool = False,
+                monitor: bool = False):
     """An MLflow run that ends FAILED, with the error as a tag, when the body raises (KeyboardInterrupt too).
 
     An exception may carry `run_status` and `run_tags` to end otherwise (a pruned Optuna trial: KILLED, pruned=true).
+    `monitor`: system metrics while it runs (see system_metrics). A run that `mlflow run` created without --run-name
+    gets `run_name` instead of its random one; its experiment is tagged as model training.
     """
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID"))
+    if run_id:  # resuming a run: start_run refuses it while another experiment is the active one
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(run_id).info.experiment_id)
     hidden = os.environ.pop("MLFLOW_RUN_ID", None) if nested else None  # start_run would resume it, not nest
     try:
-        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested, tags=tags,
+                               log_system_metrics=monitor and system_metrics())
     finally:
         if hidden:
             os.environ["MLFLOW_RUN_ID"] = hidden
     try:
+        mark_experiment(run.info.experiment_id)
+        if run_name and _generated_name(run):
+            mlflow.set_tag(MLFLOW_RUN_NAME, run_name)
         yield run
     except BaseException as e:
         with contextlib.suppress(Exception):
@@ -90,12 +142,27 @@ def tracked_run(run_name: str | None = None, run_id: str | None = None, tags: di
         mlflow.end_run("FINISHED")
 
 
-def log_split(split: Split, context: str) -> None:
-    """Log a split as an MLflow dataset input whose digest is the content digest of its source."""
+@contextlib.contextmanager
+def run_log(run_id: str):
+    """The `cnnlab` log lines of the block, kept with the run as logs/cnnlab.log (also when the block fails)."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-log-") as tmp, logs.to_file(Path(tmp) / "cnnlab.log") as path:
+        try:
+            yield
+        finally:
+            try:
+                MlflowClient().log_artifact(run_id, str(path), "logs")
+            except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than its log
+                log.warning("could not keep the log with run %s: %s", run_id, e)
+
+
+def log_split(split: Split, context: str):
+    """Log a split as an MLflow dataset input whose digest is the content digest of its source; returns it."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    source = resolve_dataset_source(split.summary["source"])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice ("", file): a path matches both
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(split.summary["source"])
     dataset = MetaDataset(source, name=f"{split.name} ({len(split)} images)", digest=split.digest)
     try:
         mlflow.log_input(dataset, context=context)
@@ -104,25 +171,54 @@ def log_split(split: Split, context: str) -> None:
             raise
         # parallel workers inserted the same dataset at once (MLflow's store races); it exists now: link it
         mlflow.log_input(dataset, context=context)
+    return dataset
 
 
-def log_model(classifier, spec: dict, classes: list[str], example) -> None:
-    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example.
+# MLflow's advice that does not apply to the cnnlab pyfunc, so a user could not act on it: predict takes base64 images
+# or pixel arrays and checks them itself against the explicit signature; the integer output (class_index) is never
+# missing; CnnlabModel holds no state (the weights are an artifact), so pickling it is safe.
+ADVICE = ("Add type hints to the `predict` method", "Hint: Inferred schema contains integer column",
+          "Passing a Python object as `python_model`")
+
+
+class _NoAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in ADVICE)
+
+
+@contextlib.contextmanager
+def _quiet_model_logging():
+    """Log a model without ADVICE; other warnings still show. MLflow forces its type-hint warning through the
+    filters ("once"), so warnings are recorded and shown again here, less the advice."""
+    no_advice = _NoAdvice()
+    logging.getLogger("mlflow.pyfunc").addFilter(no_advice)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        logging.getLogger("mlflow.pyfunc").removeFilter(no_advice)
+        for w in caught:
+            if not any(text in str(w.message) for text in ADVICE):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def log_model(classifier, spec: dict, classes: list[str], example, step: int = 0) -> str:
+    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example;
+    returns the logged model's id.
 
     `example` is uint8 (N, H, W) pixels, logged as the numpy input example; the model takes base64 images too.
     """
-    import tempfile
-
     import torch
 
-    from . import serving
-    from .models import bundle
+    with _quiet_model_logging(), tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
+        from . import serving  # defining its PythonModel draws the type-hint advice
+        from .models import bundle
 
-    with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         path = Path(tmp) / "model.pt"
         torch.save(bundle(classifier, spec, classes), path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
-        mlflow.pyfunc.log_model(
+        info = mlflow.pyfunc.log_model(
             name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
             code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(output),
-            input_example=example, pip_requirements=serving.pip_requirements())
+            input_example=example, pip_requirements=serving.pip_requirements(), step=step)
+    return info.model_id

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import logs
 from .data import Split
 from .devices import PRECISIONS, autocast, prefers_channels_last, resolve_device, resolve_precision
 
@@ -150,6 +151,16 @@ def _resume(checkpoint: Checkpoint, device: torch.device, *stateful) -> tuple[li
     return state["history"], state["epoch"] + 1
 
 
+def epoch_line(epoch: int, epochs: int, metrics: dict, elapsed: float, done: int) -> str:
+    """The line that stays after each epoch: losses, accuracies, lr, throughput, elapsed time and ETA."""
+    val = (f" | val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}"
+           if "val_accuracy" in metrics else "")
+    eta = elapsed / done * (epochs - epoch - 1)
+    return (f"epoch {epoch + 1}/{epochs} | train loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f}"
+            f"{val} | lr {metrics['lr']:.2e} | {metrics['train_images_per_s']:,.0f} img/s"
+            f" | {logs.duration(elapsed)} elapsed, ETA {logs.duration(eta)}")
+
+
 def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
         augment: Callable | None = None, epoch_hook: Callable | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Checkpoint | None = None) -> list[dict]:
@@ -178,6 +189,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
     history, start = _resume(checkpoint, device, model, optimizer, scheduler, scaler) if checkpoint else ([], 0)
     check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
+    t_start = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/augmentation RNG depends only on (seed, epoch)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
@@ -187,7 +199,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
             epoch_hook(epoch, model)
         t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=None)
+                   disable=not logs.bars())
         for i in bar:
             idx = order[i: i + cfg.batch_size]
             if len(idx) < 2:  # BatchNorm cannot train on a single image
@@ -219,6 +231,7 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
         metrics.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_time,
                         "train_images_per_s": seen / max(train_time, 1e-9)})
         history.append(metrics)
+        log.info(epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t_start, epoch + 1 - start))
         if checkpoint is not None:
             checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),

@@ -2,7 +2,9 @@
 run per trial, and a final retrain of the best configuration evaluated once on test."""
 from __future__ import annotations
 
+import html
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -20,11 +22,12 @@ import mlflow
 import optuna
 import torch
 import yaml
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from . import devices, experiments, tracking
+from . import devices, experiments, logs, tracking
 from .config import field_types, make_config, parse_value
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
@@ -43,6 +46,8 @@ PLOTS = {"optimization_history": optuna.visualization.plot_optimization_history,
          "intermediate_values": optuna.visualization.plot_intermediate_values}
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+logs.adopt("optuna")  # its per-trial lines through the CLI's handlers (with -v): cnnlab logs its own per trial
+log = logging.getLogger(__name__)
 
 
 class Pruned(optuna.TrialPruned):
@@ -296,10 +301,12 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
 
 
 def child_run(spec: dict, parent_id: str, name: str, **tags) -> str:
-    """A run nested under the study's parent, made explicitly so workers in other processes can add theirs."""
-    experiment_id = mlflow.set_experiment(spec["experiment"]).experiment_id
+    """A run nested under the study's parent, in the parent's experiment (wherever `mlflow run` put it), made
+    explicitly so workers in other processes can add theirs."""
+    client = MlflowClient()
+    experiment_id = client.get_run(parent_id).info.experiment_id
     tags = {MLFLOW_PARENT_RUN_ID: parent_id, "study": spec["study_name"], **tags}
-    return MlflowClient().create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
 def optimize(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, n_trials: int, index: int = 0) -> None:
@@ -310,8 +317,13 @@ def optimize(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, n_
     def enough(study: optuna.Study, _trial) -> None:
         if finished(study, spec):
             study.stop()
+
+    def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        value = f"val_accuracy {trial.value:.4f}" if trial.value is not None else trial.state.name.lower()
+        log.info("study %s: trial %d %s %s", spec["study_name"], trial.number, value, trial.params)
+        log_study(study, parent_id)
     study.optimize(lambda trial: objective(trial, spec, parent_id), n_trials=n_trials, catch=CATCH,
-                   callbacks=[enough], gc_after_trial=True)
+                   callbacks=[enough, progress], gc_after_trial=True)
 
 
 def _die_with(driver: int) -> None:
@@ -332,9 +344,13 @@ def _die_with(driver: int) -> None:
         os._exit(1)
 
 
-def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, driver: int) -> None:
-    """A worker process: dies with its driver, has its own storage connections and a share of the CPU threads."""
+def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, driver: int,
+            log_settings: tuple | None) -> None:
+    """A worker process: dies with its driver; its own storage connections, a share of the CPU threads, the
+    parent's log settings."""
     _die_with(driver)
+    if log_settings:
+        logs.setup(*log_settings)
     torch.set_num_threads(threads)
     tracking.init_tracking(spec["experiment"])
     storage = make_storage(spec)
@@ -356,8 +372,8 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
     threads = devices.threads_per_worker(workers)
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
-    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid()), name=f"tune-worker-{i}")
-             for i, n in enumerate(shares) if n]
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid(), logs.settings),
+                           name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
     for p in procs:
@@ -370,45 +386,66 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
 
 # --- after the search -------------------------------------------------------------------------------------------
 
-def log_study(study: optuna.Study) -> dict:
-    """Log the study into the active (parent) run: counts, best params and value, trials CSV, Optuna's plots."""
+def log_study(study: optuna.Study, parent_id: str) -> dict:
+    """Log the study so far into its parent run (after every trial, and at the end): counts and the best value as
+    metrics at step = the latest trial's number, best params as tags, the trials table and one page of plots."""
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     summary = {"n_trials": len(trials), "n_complete": states["COMPLETE"], "n_pruned": states["PRUNED"],
                "n_failed": states["FAIL"], "epochs_spent": epochs_spent(study)}
-    mlflow.log_metrics(summary)
+    metrics, tags = dict(summary), {}
     if states["COMPLETE"]:
         best = study.best_trial
         summary.update(best_trial=best.number, best_value=best.value, best_params=best.params)
-        mlflow.log_metric("best_val_accuracy", best.value)
+        metrics["best_val_accuracy"] = best.value
         # tags, not params: a resumed study may find a new best, and MLflow params never change
-        mlflow.set_tags({"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}})
+        tags = {"best_trial": best.number, **{f"best.{k}": v for k, v in best.params.items()}}
+    client = MlflowClient()
+    if any(client.get_run(parent_id).data.metrics.get(k) != v for k, v in metrics.items()):  # else logged already
+        step, now = max((t.number for t in trials), default=0), int(time.time() * 1000)
+        client.log_batch(parent_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+    client.log_batch(parent_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     with tempfile.TemporaryDirectory(prefix="cnnlab-study-") as tmp:
         out = Path(tmp)
         study.trials_dataframe().to_csv(out / "trials.csv", index=False)
+        summary["skipped_plots"] = plot_page(study, states["COMPLETE"], out / "plots.html")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        skipped = _plots(study, states["COMPLETE"], out / "plots")
-        if skipped:
-            (out / "plots" / "skipped.json").write_text(json.dumps(skipped, indent=2))
-        mlflow.log_artifacts(str(out), "study")
+        client.log_artifacts(parent_id, str(out), "study")
     return summary
 
 
-def _plots(study: optuna.Study, n_complete: int, out: Path) -> dict[str, str]:
-    """Optuna's plots as HTML (plotly.js from its CDN keeps each file small); returns the skipped ones and why."""
-    out.mkdir(parents=True)
-    skipped = {}
+def plot_page(study: optuna.Study, n_complete: int, path: Path) -> dict[str, str]:
+    """Optuna's plots on one HTML page that renders offline: plotly.js (~4.6 MB) embedded once, not per plot and not
+    from a CDN. Returns the plots left out and why."""
+    import plotly.io
+
+    skipped, parts = {}, []
     for name, plot in PLOTS.items():
         if name == "param_importances" and n_complete < 2:
             skipped[name] = f"needs at least 2 complete trials, the study has {n_complete}"
             continue
         try:
-            plot(study).write_html(out / f"{name}.html", include_plotlyjs="cdn")
+            figure = plot(study)
         except Exception as e:  # noqa: BLE001 - a plot that cannot be drawn must not fail the study
             skipped[name] = f"{type(e).__name__}: {e}"
+            continue
+        parts.append(f"<h2>{name.replace('_', ' ')}</h2>" + plotly.io.to_html(
+            figure, full_html=False, include_plotlyjs=not parts))
+    parts += [f"<p>{name.replace('_', ' ')}: left out ({html.escape(why)})</p>" for name, why in skipped.items()]
+    title = f"study {html.escape(study.study_name)}: {len(study.get_trials(deepcopy=False))} trials"
+    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+                    f"<body style='font-family:sans-serif'><h1>{title}</h1>{''.join(parts)}</body></html>")
     for name, why in skipped.items():
-        print(f"cnnlab tune: skipped plot {name}: {why}", file=sys.stderr)
+        log.debug("study %s: plot %s left out: %s", study.study_name, name, why)
     return skipped
+
+
+def describe(param: dict) -> str:
+    """A search-space entry as a parameter value: `[0.2, 0.5]`, `float 0.0001..0.01 log`, `int 8..64 step 8`."""
+    if param["type"] == "categorical":
+        return json.dumps(param["choices"])
+    step = f" step {param['step']}" if param.get("step") else ""
+    return f"{param['type']} {param['low']}..{param['high']}{' log' if param['log'] else ''}{step}"
 
 
 def retrain_best(study: optuna.Study, spec: dict, parent_id: str) -> dict:
@@ -452,8 +489,8 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
         raise ValueError(f"--workers {workers} needs PostgreSQL: SQLite is not safe for parallel writers; use "
                          f"--storage postgresql://USER@HOST/DB (e.g. the optuna_storage URL `cnnlab stack up` prints)")
     if workers > 1 and tracking.init_tracking().startswith("sqlite"):
-        print(f"cnnlab tune: warning: {workers} workers write MLflow runs into one SQLite file; under load it may "
-              f"answer 'database is locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", file=sys.stderr)
+        log.warning("%d workers write MLflow runs into one SQLite file; under load it may answer 'database is "
+                    "locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", workers)
     tracking.init_tracking(spec["experiment"])
     storage = make_storage(spec)
     try:
@@ -467,10 +504,11 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
             study.set_user_attr("mlflow_run_id", parent_id)
             mlflow.set_tags({"storage": redact(spec["storage"]), "sampler": spec["sampler"]["type"],
                              "pruner": spec["pruner"]["type"], "space_file": spec["source"]})
+            mlflow.log_params({f"space.{k}": describe(p) for k, p in spec["space"].items()})
             mlflow.log_dict({**spec, "storage": redact(spec["storage"])}, "study/spec.json")
             search(storage, spec, parent_id, workers)
             summary = {"study": spec["study_name"], "storage": redact(spec["storage"]), "parent_run_id": parent_id,
-                       **log_study(study)}
+                       **log_study(study, parent_id)}
             if final:
                 summary["final"] = retrain_best(study, spec, parent_id)
         return summary

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import logs
 from . import DataError, Option, Split, cache_dir, register_dataset
 
 # canonical order = the CSV's numbering
@@ -16,6 +18,7 @@ CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
 SIZE = 48
 CSV_USAGE = {"Training": "train", "PublicTest": "public", "PrivateTest": "private"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+log = logging.getLogger(__name__)
 HOW_TO_GET = ("download FER2013 (Kaggle 'msambare/fer2013' folder layout, or the original fer2013.csv) and "
               "pass data_dir or set FER2013_DIR")
 
@@ -71,9 +74,9 @@ def _folder_files(root: Path, split: str) -> list[tuple[Path, int]]:
     return files
 
 
-def _decode_folder(files: list[tuple[Path, int]], contents: list[bytes], on_bad: str, summary: dict):
+def _decode_folder(split: str, files: list[tuple[Path, int]], contents: list[bytes], on_bad: str, summary: dict):
     images, labels = [], []
-    for (path, label), data in zip(files, contents):
+    for (path, label), data in logs.progress(zip(files, contents), len(files), f"FER2013: decoding {split}/"):
         try:
             img = decode_gray(data, str(path))
             _check_shape(img, str(path))
@@ -94,7 +97,7 @@ def _decode_csv(path: Path, on_bad: str, summary: dict) -> dict[str, tuple[list,
         missing = {"emotion", "pixels", "Usage"} - set(reader.fieldnames or [])
         if missing:
             raise DataError(f"{path}: missing column(s) {sorted(missing)}; found {reader.fieldnames}")
-        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
+        for row_no, row in enumerate(logs.progress(reader, None, f"FER2013: decoding {path.name}"), start=2):
             where = f"{path} row {row_no}"
             try:
                 usage = CSV_USAGE.get(row["Usage"])
@@ -136,7 +139,8 @@ def _decode_all(source: Path, on_bad: str) -> tuple[str, dict]:
         files = {s: _folder_files(source, s) for s in ("train", "test")}
         contents = {}
         for s, entries in files.items():
-            contents[s] = [p.read_bytes() for p, _ in entries]
+            reading = logs.progress(entries, len(entries), f"FER2013: reading {s}/", after=5)  # slow when disk-cold
+            contents[s] = [p.read_bytes() for p, _ in reading]
             for (p, label), data in zip(entries, contents[s]):
                 h.update(f"{s}/{label}/{p.name}:{len(data)}".encode())
                 h.update(data)
@@ -148,12 +152,13 @@ def _decode_all(source: Path, on_bad: str) -> tuple[str, dict]:
     if files is None:
         decoded = {k: _to_tensors(*v) for k, v in _decode_csv(source, on_bad, summary).items()}
     else:
-        decoded = {s: _to_tensors(*_decode_folder(files[s], contents[s], on_bad, summary)) for s in files}
+        decoded = {s: _to_tensors(*_decode_folder(s, files[s], contents[s], on_bad, summary)) for s in files}
     result = {"splits": decoded, "summary": {"skipped": len(summary.get("skipped", [])),
                                              "skipped_examples": summary.get("skipped", [])[:20]}}
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
     torch.save(result, tmp)
     os.replace(tmp, cached)  # never leave a half-written cache that looks complete
+    log.info("FER2013: decoded once; later runs load %s", cached)
     return digest, result
 
 
