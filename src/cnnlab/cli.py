@@ -84,6 +84,14 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+          timeout=args.timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("serve", help="serve a model with MLflow's scoring app behind a guard (limits: serving/README.md)")
+    p.add_argument("model_uri", help="e.g. models:/fer_cnn@champion, runs:/RUN_ID/model or a local folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=5000)
+    p.add_argument("-w", "--workers", type=_count, default=1, help="worker processes (default: 1)")
+    p.add_argument("--threads", type=_count, default=0, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("-t", "--timeout", type=_count, default=0,
+                   help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
