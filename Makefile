@@ -24,7 +24,7 @@ data:
 run: setup data
 	mlflow run . -e fmnist_cnn --env-manager local
 
-test: setup data postgres
+test: setup data postgres chromium
 	$(BIN)/python -m pytest
 
 test-fast: setup data
@@ -35,6 +35,13 @@ test-fast: setup data
 postgres:
 	@test -x /usr/lib/postgresql/15/bin/initdb || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; }
+
+# Debian's Chromium and its WebDriver, for the demo page's browser test (tests/test_demo.py).
+.PHONY: chromium
+chromium:
+	@test -x /usr/bin/chromedriver || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver \
+		fonts-liberation; } || { echo "make chromium: as root, apt-get install chromium chromium-driver" >&2; exit 1; }
 
 stack-up: setup postgres
 	$(BIN)/cnnlab stack up

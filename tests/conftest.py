@@ -1,9 +1,15 @@
-"""Shared fixtures: an isolated tracking store and cache per test, small real data subsets."""
+"""Shared fixtures: an isolated tracking store and cache per test, small real data subsets, a served model."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +109,63 @@ def fer_subset(tmp_path_factory) -> Path:
             for f in rng.sample(files, min(n, len(files))):
                 shutil.copy(f, dest / f.name)
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], url: str, log: Path, env: dict | None = None, timeout: float = 180):
+    """Run a server until the block ends (then stop its process group); up once URL answers HTTP 200."""
+    import requests
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"{' '.join(cmd[:4])} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(requests.ConnectionError):
+                if requests.get(url, timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                pytest.fail(f"{' '.join(cmd[:4])} not up after {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def fer_champion(tmp_path_factory, fer_subset) -> str:
+    """A tiny fer_cnn (1 epoch on 100 images), registered as fer_cnn@champion, behind `mlflow models serve`: its URL."""
+    import mlflow
+    import torch
+
+    from cnnlab import registry
+    from cnnlab.experiments import make_config, run
+
+    root = tmp_path_factory.mktemp("fer_champion")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        run(make_config("fer_cnn", data_dir=str(fer_subset), limit=100, epochs=1))
+        assert registry.register("fer_cnn")["alias"] == "champion"
+    url = f"http://127.0.0.1:{free_port()}"
+    # as many torch threads as this process: the same kernels as in process, so the same numbers
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["mlflow", "models", "serve", "-m", "models:/fer_cnn@champion", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
+    with server_process(cmd, url + "/ping", root / "server.log", env):
+        yield url

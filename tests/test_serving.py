@@ -414,7 +414,8 @@ def random_text(rng, n: int) -> str:
 
 
 SAMPLE = (SAMPLES / "happy.jpg").read_bytes()
-GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
+GIF = (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\xff\xff\xff\x00\x00\x00"
+       b",\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;")  # a 1x1 image
 OTHER_FORMATS = [GIF] + [cv2.imencode(ext, np.zeros((8, 8, 3), np.uint8))[1].tobytes() for ext in (".tiff", ".webp")]
 KINDS = {  # name -> rng -> (body, Content-Type); each one a client mistake
     "invalid base64": lambda rng: (split([random_text(rng, int(rng.integers(1, 300))) + "!"]), JSON),
@@ -546,8 +547,8 @@ def raw_request(url: str, head: bytes, body: bytes = b"", wait: float = 30) -> b
 @pytest.fixture(scope="module")
 def strict(trained) -> ModelServer:
     """`cnnlab serve -w 2`, each worker with one request at a time, one waiting, a 3 s time-out, a 1 MB body limit."""
-    server = start(trained, "strict", guarded=True, workers=2, CNNLAB_SERVING_MAX_ACTIVE="1", CNNLAB_SERVING_MAX_QUEUE="1",
-                   CNNLAB_SERVING_TIMEOUT="3", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
+    server = start(trained, "strict", guarded=True, workers=2, CNNLAB_SERVING_MAX_ACTIVE="1",
+                   CNNLAB_SERVING_MAX_QUEUE="1", CNNLAB_SERVING_TIMEOUT="3", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
     try:
         yield server
     finally:

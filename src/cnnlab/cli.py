@@ -92,6 +92,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import serve
+
+    serve(args.model_url, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
     p.set_defaults(func=cmd_tune)
-    p = sub.add_parser("serve", help="serve a model with MLflow's scoring app behind a guard (limits: serving/README.md)")
+    p = sub.add_parser("serve", help="serve a model: MLflow's scoring app behind a guard (limits: serving/README.md)")
     p.add_argument("model_uri", help="e.g. models:/fer_cnn@champion, runs:/RUN_ID/model or a local folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("-p", "--port", type=int, default=5000)
@@ -146,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-t", "--timeout", type=_count, default=0,
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("demo", help="a page to try a served model: upload a photo or use the webcam, see each face's "
+                       "emotion and probabilities")
+    p.add_argument("--model-url", default="http://127.0.0.1:5000",
+                   help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")
+    p.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="(default: 8080)")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request forwarded to the model (default: 16)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -118,7 +118,8 @@ class Guard:
     async def busy(self, send) -> None:
         await answer(send, 503, "TEMPORARILY_UNAVAILABLE",
                      f"server busy: {self.limits.max_active} requests in progress and {self.waiting} waiting "
-                     f"(CNNLAB_SERVING_MAX_ACTIVE, CNNLAB_SERVING_MAX_QUEUE); retry after 1 s", ((b"retry-after", b"1"),))
+                     f"(CNNLAB_SERVING_MAX_ACTIVE, CNNLAB_SERVING_MAX_QUEUE); retry after 1 s",
+                     ((b"retry-after", b"1"),))
 
     async def guarded(self, scope, receive, send) -> None:
         limit = self.limits.max_body_bytes
@@ -199,7 +200,8 @@ def scrubbed(send):
 
 class NoDelayH11(H11Protocol):
     """uvicorn's HTTP/1.1 with TCP_NODELAY on each connection: with several workers uvicorn leaves it off (its listening
-    socket has proto 0, so asyncio skips it) and each keep-alive answer waits ~40 ms for a delayed ACK (uvicorn #3149)."""
+    socket has proto 0, so asyncio skips it) and each keep-alive answer waits ~40 ms for a delayed ACK
+    (uvicorn issue #3149)."""
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")

@@ -41,7 +41,8 @@ class InputError(MlflowException, ValueError):
 
 
 def settings_from_env(cls):
-    """A dataclass of whole-number settings, each field overridden by the environment variable CNNLAB_SERVING_<FIELD>."""
+    """A dataclass of whole-number settings, each field overridden by the environment variable
+    CNNLAB_SERVING_<FIELD>."""
     values = {}
     for f in fields(cls):
         name = f"CNNLAB_SERVING_{f.name.upper()}"
