@@ -321,7 +321,9 @@ def image_column(model_input) -> list:
         raise InputError(f"expected a column {COLUMN!r} of base64-encoded images, got columns {columns}; "
                          f"send pixel tensors as 'inputs' instead")
     values = model_input[COLUMN]
-    return [values] if isinstance(values, (str, bytes)) else list(np.asarray(values, dtype=object).ravel())
+    if isinstance(values, (str, bytes)):
+        return [values]
+    return values.tolist() if isinstance(values, pd.Series) else list(np.asarray(values, dtype=object).ravel())
 
 
 def images_of(model_input, budget: Budget, channels: int) -> Encoded | Pixels:
