@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO / "serving"))
 import client  # serving/client.py, the CLI under test
 
 JSON = "application/json"
+services = pytest.mark.services  # a real `mlflow models serve` or `cnnlab serve`
 
 
 @dataclass
@@ -131,6 +132,7 @@ def assert_same(answer: list[dict], expected: list[dict], atol: float = 1e-6) ->
     np.testing.assert_allclose(got[probs].sum(axis=1), 1.0, atol=1e-4)
 
 
+@services
 def test_base64_fer_images_match_in_process(served):
     images = [b64(f.read_bytes()) for f in served.files]
     expected = served.model.predict(frame(images))
@@ -172,6 +174,7 @@ def test_chunks_and_sizes_keep_row_order(trained, monkeypatch):
     assert serving.runs([10, 10 ** 6, 10], 100) == [[0], [1], [2]]  # a large image is a chunk alone
 
 
+@services
 def test_pixel_tensors_match_the_decoded_images(served):
     images = [b64(f.read_bytes()) for f in served.files]
     expected = served.model.predict(frame(images))
@@ -185,6 +188,7 @@ def test_pixel_tensors_match_the_decoded_images(served):
     assert_same(r.json()["predictions"], served.model.predict(pixels.astype(np.float32) / 255), atol=1e-5)
 
 
+@services
 def test_any_format_size_and_color(served):
     gray = decode_gray(served.files[0].read_bytes(), "sample")
     color = cv2.resize(cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR), (160, 120))
@@ -240,6 +244,7 @@ BAD = {
 }
 
 
+@services
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_4xx_naming_it_and_server_keeps_serving(served, case):
     body, fragment = BAD[case]
@@ -287,6 +292,7 @@ class Payload:
         return (Path(self.path).touch, ())
 
 
+@services
 def test_detect_faces(served):
     photo = (SAMPLES / "two_faces.jpg").read_bytes()
     r = served.post({**split([b64(photo)]), "params": {"detect_faces": True}})
@@ -341,6 +347,7 @@ def test_color_model_decodes_rgb(tmp_path):
     assert (serving.decode(cv2.imencode(".png", np.dstack([bgr, bgr[..., :1]]))[1].tobytes(), "x", 3) == rgb).all()
 
 
+@pytest.mark.slow
 def test_loading_a_model_keeps_the_installed_package(trained, tmp_path):
     """A logged model carries a copy of cnnlab (code_paths) that MLflow puts first on sys.path; loading it in process
     must keep the installed cnnlab, in this process and in workers it spawns; where cnnlab is not installed the
@@ -377,6 +384,7 @@ if __name__ == "__main__":
     assert out["installed"]["label"] == out["without-cnnlab"]["label"] == expected
 
 
+@services
 def test_client_cli(served, capsys):
     files = [SAMPLES / "happy.jpg", SAMPLES / "sad.jpg"]
     assert client.main([served.url, *map(str, files)]) == 0
@@ -485,6 +493,7 @@ MLFLOW_500 = {"deep nesting", "integer of 5000+ digits", "no Content-Type"}
 MLFLOW_TRACEBACK = {"CSV that does not parse"}  # MLflow puts the stack trace in this 400's body
 
 
+@services
 def test_bad_input_campaign(served):
     """1,000+ seeded malformed requests of many kinds: each gets a 4xx without a stack trace, the server stays up and
     answers a valid request as before."""
@@ -517,6 +526,7 @@ def test_bad_input_campaign(served):
 
 # --- memory, overload and time-outs ---------------------------------------------------------------------------------
 
+@services
 def test_memory_stays_bounded(served):
     """An over-budget request is refused before decoding anything; images within the budget are decoded one chunk
     at a time, so four of the largest images cost no more peak memory than one."""
@@ -568,6 +578,7 @@ def strict(trained) -> ModelServer:
         server.stop()
 
 
+@services
 def test_two_workers_answer_as_one(strict, trained):
     images = [b64(f.read_bytes()) for f in trained.files[:3]]
     answers = [requests.post(strict.url + "/invocations", json=split(images), timeout=60) for _ in range(6)]
@@ -596,6 +607,7 @@ def test_no_delay_on_every_connection():
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
 
 
+@services
 def test_guard_overload_is_503_with_retry_after(strict):
     slow = json.dumps({**split([b64((SAMPLES / "two_faces.jpg").read_bytes())] * 6),
                        "params": {"detect_faces": True}})
@@ -611,6 +623,7 @@ def test_guard_overload_is_503_with_retry_after(strict):
                          timeout=60).status_code == 200
 
 
+@services
 def test_guard_body_limit_and_time_out(strict):
     head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     answer = raw_request(strict.url, head % 10 ** 9)  # refused from the header, before any body is read
@@ -624,12 +637,14 @@ def test_guard_body_limit_and_time_out(strict):
     assert strict.running() and requests.get(strict.url + "/ping", timeout=10).status_code == 200
 
 
-def test_guard_checks_json_cheaply():
+def test_guard_json_check():
+    """The guard finds what Python's json fails on with RecursionError or ValueError, and nothing inside strings."""
     from cnnlab.serve import json_problem
 
     assert json_problem(b'{"inputs": [[[1, 2]]]}', 32) is None
     assert json_problem(b'{"a": "' + b"[" * 10_000 + b'"}', 32) is None  # brackets inside a string
     assert json_problem(b'{"a": "\\"' + b"[" * 10_000 + b'"}', 32) is None  # after an escaped quote, still inside
+    assert "nested 41 levels deep" in json_problem(b'{"a": "\\\\", "b": ' + b"[" * 40 + b"]" * 40 + b"}", 32)
     assert "nested 40 levels deep; the limit is 32" in json_problem(b"[" * 40 + b"]" * 40, 32)
     assert "a number of 5,000 digits" in json_problem(b"[" + b"7" * 5000 + b"]", 32)
     assert json_problem(b'["' + b"7" * 5000 + b'"]', 32) is None  # digits in a string are no number
