@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,8 +246,9 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     if timeout:
         os.environ["CNNLAB_SERVING_TIMEOUT"] = str(timeout)
     limits = settings_from_env(Limits)
-    settings_from_env(Budget)  # a bad environment variable fails here, not in every worker
+    budget = settings_from_env(Budget)  # a bad environment variable fails here, not in every worker
     root = Path(tempfile.mkdtemp(prefix="cnnlab-serve-"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(root))
@@ -259,6 +261,8 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
             os.environ["CNNLAB_SERVING_THREADS"] = str(threads)
         os.environ.setdefault("CNNLAB_SERVING_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
         os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(limits.timeout)
+        print(f"cnnlab serve: {model_uri}, {workers} worker(s) x {os.environ['CNNLAB_SERVING_THREADS']} torch "
+              f"thread(s); per worker {limits}; per request {budget}", file=sys.stderr, flush=True)
         # by name: a worker unpickles its config before it answers the supervisor's health checks, and this module
         # imports torch; loading a model can take longer than uvicorn's 5 s check on a busy machine
         uvicorn.run("cnnlab.serve:create_app", factory=True, host=host, port=port, workers=workers,
