@@ -65,10 +65,9 @@ class Served:
     def files(self) -> list[Path]:
         return self.trained.files
 
-    def post(self, body, content_type: str | None = JSON, path: str = "/invocations") -> requests.Response:
+    def post(self, body) -> requests.Response:
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
-        headers = {"Content-Type": content_type} if content_type else {}
-        return requests.post(self.url + path, data=data, headers=headers, timeout=120)
+        return requests.post(self.url + "/invocations", data=data, headers={"Content-Type": JSON}, timeout=120)
 
 
 def b64(data: bytes) -> str:
