@@ -120,8 +120,11 @@ SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     i = 2
     while i + 9 <= len(data):
-        if data[i] != 0xFF:
-            return None
+        if data[i] != 0xFF:  # stray bytes between segments: skip to the next marker, as libjpeg does
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -138,7 +141,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or BMP header; None for anything else."""
+    """(width, height) from a PNG, JPEG or BMP header; None for anything else or a header cut short."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:3] == b"\xff\xd8\xff":
@@ -230,7 +233,8 @@ class Encoded:
         for i, data in enumerate(self.blobs):
             size = image_size(data)
             if size is None:
-                raise InputError(f"row {i}: not a PNG, JPEG or BMP image ({len(data):,} bytes)")
+                raise InputError(f"row {i}: not a PNG, JPEG or BMP image, or its header is cut short "
+                                 f"({len(data):,} bytes)")
             budget.check_side(*size, f"row {i}")
             self.sizes.append(size)
         self.pixels = [w * h for w, h in self.sizes]
