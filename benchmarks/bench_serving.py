@@ -1,178 +1,254 @@
-"""REST serving speed of fer_cnn under `mlflow models serve`: latency and images/s, 1 and 2 workers, beside in-process.
+"""Serving speed and memory of fer_cnn, beside a trivial pyfunc under the same server, in one table.
 
-    python benchmarks/bench_serving.py --quick                                   # a tiny model, seconds per row
+    python benchmarks/bench_serving.py --quick                                   # smoke check: few requests per row
+    python benchmarks/bench_serving.py                                           # a tiny fer_cnn trained first
     MLFLOW_TRACKING_URI=... python benchmarks/bench_serving.py --model-uri models:/fer_cnn@champion
 
-Targets: p50 <= 10 ms for one 48x48 image; >= 2000 images/s with batches of 256.
+Servers: `mlflow models serve` (1 worker) and `cnnlab serve` (1 and 2 workers, torch threads = cores / workers).
+Targets (issue 12): one image p50 over HTTP within 1 ms of the trivial pyfunc and <= 0.5 ms in process; 8 clients x
+1,000 requests with 0 errors and p99 <= 50 ms; batches of 256 >= 2,000 images/s over HTTP; peak RSS growth <= 1 GB.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
-import signal
-import socket
-import subprocess
+import platform
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import cv2
+import mlflow
+import mlflow.pyfunc
 import numpy as np
-import requests
+
+from cnnlab.stack import ModelServer, status_kb
 
 REPO = Path(__file__).resolve().parents[1]
 FER_DIR = Path(os.environ.get("FER2013_DIR", REPO.parent / "shared" / "data" / "fer2013"))
 HEADERS = {"Content-Type": "application/json"}
 
 
-def tiny_model(root: Path) -> str:
-    """Train and register a 1-epoch fer_cnn on 200 images (speed does not depend on the weights)."""
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    os.chdir(root)
-    from cnnlab import registry
-    from cnnlab.experiments import make_config, run
+class Trivial(mlflow.pyfunc.PythonModel):
+    """The baseline model: one constant record per row, no work; what the server alone costs."""
 
-    run(make_config("fer_cnn", data_dir=str(FER_DIR), limit=200, epochs=1))
-    return registry.register("fer_cnn")["uri"]
+    def predict(self, context, model_input, params=None):
+        return [{"label": "neutral"}] * len(model_input)
 
 
-def payloads(batch: int) -> dict[str, bytes]:
-    """Request bodies of `batch` real FER2013 test images: base64 JPEGs, and the same as a uint8 pixel tensor."""
-    import cv2
+def models(root: Path, model_uri: str) -> tuple[str, str]:
+    """(fer_cnn URI, trivial pyfunc URI) in the tracking store; a 1-epoch fer_cnn on 200 images unless given (speed
+    does not depend on the weights)."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    if not model_uri:
+        from cnnlab import registry
+        from cnnlab.experiments import make_config, run
 
-    files = sorted((FER_DIR / "test").glob("*/*.jpg"))[: max(batch, 1)]
-    files = (files * batch)[:batch]
-    images = [base64.b64encode(f.read_bytes()).decode() for f in files]
-    pixels = np.stack([cv2.imread(str(f), cv2.IMREAD_GRAYSCALE) for f in files])
-    return {"b64": json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in images]}}).encode(),
-            "tensor": json.dumps({"inputs": pixels.tolist()}).encode()}
-
-
-def start_server(uri: str, workers: int, threads: int, root: Path) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with open(root / f"server-{workers}.log", "w") as log:
-        proc = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1",
-                                 "-p", str(port), "--workers", str(workers)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server exited: {(root / f'server-{workers}.log').read_text()[-2000:]}")
+        cwd = os.getcwd()
+        os.chdir(root)
         try:
-            if requests.get(url + "/ping", timeout=2).ok:
-                return proc, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    sys.exit("server not up after 300 s")
+            run(make_config("fer_cnn", data_dir=str(FER_DIR), limit=200, epochs=1))
+            model_uri = registry.register("fer_cnn")["uri"]
+        finally:
+            os.chdir(cwd)
+    mlflow.set_experiment("bench_serving")
+    with mlflow.start_run(run_name="trivial pyfunc"):
+        info = mlflow.pyfunc.log_model(name="trivial", python_model=Trivial())
+    return model_uri, info.model_uri
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def bodies() -> dict[str, bytes]:
+    """Requests: one real FER2013 test JPEG (base64, and as a pixel tensor), 256 of them, the largest allowed request
+    (four blank 4096x4096 PNGs) and an over-budget one (32 of them)."""
+    files = sorted((FER_DIR / "test").glob("*/*.jpg"))[:256]
+    images = [base64.b64encode(f.read_bytes()).decode() for f in files]
+    blank = base64.b64encode(cv2.imencode(".png", np.zeros((4096, 4096), np.uint8))[1]).decode()
+
+    def split(values: list[str]) -> bytes:
+        return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}).encode()
+    pixels = cv2.imread(str(files[0]), cv2.IMREAD_GRAYSCALE)
+    return {"one": split(images[:1]), "tensor": json.dumps({"inputs": [pixels.tolist()]}).encode(),
+            "batch": split(images), "largest": split([blank] * 4), "over": split([blank] * 32)}
+
+
+def post(conn: http.client.HTTPConnection, body: bytes) -> int:
+    conn.request("POST", "/invocations", body, HEADERS)
+    response = conn.getresponse()
+    response.read()
+    return response.status
+
+
+def connect(url: str) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").split(":")
+    return http.client.HTTPConnection(host, int(port), timeout=120)
 
 
 def latency(url: str, body: bytes, n: int) -> np.ndarray:
-    """Milliseconds per request, one request at a time, after a warm-up."""
-    session, out = requests.Session(), []
-    for i in range(n + 5):
+    """Milliseconds per request, one client, one request at a time, after a warm-up."""
+    conn, out = connect(url), []
+    for i in range(n + 20):
         t = time.perf_counter()
-        r = session.post(url + "/invocations", data=body, headers=HEADERS)
-        if r.status_code != 200:
-            sys.exit(f"HTTP {r.status_code}: {r.text[:500]}")
-        if i >= 5:
+        status = post(conn, body)
+        if status != 200:
+            sys.exit(f"HTTP {status} from {url}")
+        if i >= 20:
             out.append((time.perf_counter() - t) * 1000)
     return np.array(out)
 
 
-def throughput(url: str, body: bytes, batch: int, clients: int, seconds: float) -> float:
-    """Images/s with `clients` concurrent keep-alive clients for `seconds`."""
-    latency(url, body, 1)
-    done, stop = [0] * clients, time.perf_counter() + seconds
+def clients(url: str, body: bytes, n_clients: int, n_requests: int) -> tuple[np.ndarray, int, float]:
+    """`n_clients` keep-alive clients at once, `n_requests` each: (latencies ms, errors, seconds)."""
+    times: list[list[float]] = [[] for _ in range(n_clients)]
+    errors = [0] * n_clients
 
     def client(k: int) -> None:
-        session = requests.Session()
-        while time.perf_counter() < stop:
-            if session.post(url + "/invocations", data=body, headers=HEADERS).status_code == 200:
-                done[k] += batch
+        conn = connect(url)
+        for _ in range(n_requests):
+            t = time.perf_counter()
+            try:
+                ok = post(conn, body) == 200
+            except (OSError, http.client.HTTPException):
+                ok, conn = False, connect(url)
+            times[k].append((time.perf_counter() - t) * 1000)
+            errors[k] += not ok
+    pool = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
     start = time.perf_counter()
-    pool = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return sum(done) / (time.perf_counter() - start)
+    return np.concatenate(times), sum(errors), time.perf_counter() - start
 
 
-def in_process(uri: str, body: bytes, batch: int, threads: int, seconds: float) -> float:
-    """Baseline: the same request through MLflow's parsing and the pyfunc, in this process, no HTTP."""
-    import mlflow
+def peak_growth_mb(server: ModelServer, body: bytes) -> tuple[float, float, int]:
+    """Peak RSS (VmHWM) of the model's process: its growth for one request and its value after; the status."""
+    pid = max(server.processes(), key=lambda p: status_kb(p, "VmRSS"))
+    before = status_kb(pid, "VmHWM")
+    status = post(connect(server.url), body)
+    after = status_kb(pid, "VmHWM")
+    return (after - before) / 1024, after / 1024, status
+
+
+def in_process(model_uri: str, data: dict[str, bytes], n: int) -> list[tuple]:
+    """The pyfunc in this process: its predict, MLflow's parse + predict + serialize, and the network alone."""
+    import mlflow.pyfunc
+    import pandas as pd
     import torch
     from mlflow.pyfunc import scoring_server
 
-    torch.set_num_threads(threads)
-    model = mlflow.pyfunc.load_model(uri)
-    schema, n = model.metadata.get_input_schema(), 0
-    scoring_server.invocations(body, "application/json", model, schema)
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        scoring_server.invocations(body, "application/json", model, schema)
-        n += batch
-    return n / (time.perf_counter() - start)
+    model = mlflow.pyfunc.load_model(model_uri)
+    schema = model.metadata.get_input_schema()
+    frame = pd.DataFrame({"image": [json.loads(data["one"])["dataframe_split"]["data"][0][0]]})
+    net = model.unwrap_python_model().classifier.net
+    x = torch.zeros(1, 1, 48, 48, dtype=model.unwrap_python_model().dtype)
+
+    def timed(fn, repeat: int) -> np.ndarray:
+        for _ in range(10):
+            fn()
+        out = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+        return np.array(out)
+    with torch.inference_mode():
+        forward = timed(lambda: net(x), n)
+        forward_batch = timed(lambda: net(x.expand(256, -1, -1, -1).contiguous()), max(3, n // 50))
+    rows = [("in process", "-", "fer_cnn", "net forward alone, 1 image", forward, None, "the compute floor"),
+            ("in process", "-", "fer_cnn", "net forward alone, 256 images", forward_batch,
+             256_000 / np.median(forward_batch), "the compute floor"),
+            ("in process", "-", "fer_cnn", "pyfunc predict, 1 image", timed(lambda: model.predict(frame), n), None,
+             "p50 <= 0.5 ms"),
+            ("in process", "-", "fer_cnn", "MLflow parse+predict+JSON, 1 image",
+             timed(lambda: scoring_server.invocations(data["one"], "application/json", model, schema), n), None, "")]
+    batch = timed(lambda: scoring_server.invocations(data["batch"], "application/json", model, schema), max(3, n // 50))
+    rows.append(("in process", "-", "fer_cnn", "MLflow parse+predict+JSON, 256 images", batch,
+                 256_000 / np.median(batch), ""))
+    return rows
+
+
+def serve_rows(name: str, uri: str, tracking_uri: str, root: Path, workers: int, guarded: bool,
+               data: dict[str, bytes], args) -> list[tuple]:
+    """Rows for one model under one server configuration."""
+    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    server = ModelServer(root / f"{name}-{'cnnlab' if guarded else 'mlflow'}-{workers}", uri, tracking_uri,
+                         workers=workers, guarded=guarded, env={"OMP_NUM_THREADS": str(threads),
+                                                                "CNNLAB_SERVING_THREADS": str(threads)})
+    label, config = "cnnlab serve" if guarded else "mlflow models serve", f"{workers} x {threads}"
+    server.start(timeout=300)
+    rows = []
+    try:
+        if name == "fer_cnn" and workers == 1:  # first, so the peak is this request's, not an earlier batch's
+            post(connect(server.url), data["one"])
+            for key, what in (("over", "32 x 4096x4096 PNG (over budget)"),
+                              ("largest", "4 x 4096x4096 PNG (the largest allowed)")):
+                mb, peak, status = peak_growth_mb(server, data[key])
+                rows.append((label, config, name, f"{what}: HTTP {status}", None, None,
+                             f"peak RSS +{mb:.0f} MB, to {peak:.0f} MB (growth <= 1024)"))
+        rows.append((label, config, name, "1 image, 1 client", latency(server.url, data["one"], args.requests), None,
+                     "p50 within 1 ms of trivial" if name == "fer_cnn" else "baseline"))
+        if name == "fer_cnn" and guarded and workers == 1:
+            rows.append((label, config, name, "1 image as pixel tensor, 1 client",
+                         latency(server.url, data["tensor"], args.requests), None, ""))
+        times, errors, seconds = clients(server.url, data["one"], 8, args.clients_requests)
+        rows.append((label, config, name, f"8 clients x {args.clients_requests}, {errors} errors", times,
+                     len(times) / seconds, "0 errors, p99 <= 50 ms" if name == "fer_cnn" else "baseline"))
+        if name == "fer_cnn":
+            times, errors, seconds = clients(server.url, data["batch"], 2, args.batches)
+            rows.append((label, config, name, f"batches of 256, 2 clients, {errors} errors", times,
+                         256 * len(times) / seconds, ">= 2000 images/s"))
+    finally:
+        server.stop()
+    return rows
+
+
+def print_table(rows: list[tuple]) -> None:
+    print(f"| server | workers x threads | model | measure | p50 ms | p99 ms | per s | target / result |")
+    print("|---|---|---|---|---|---|---|---|")
+    for server, config, model, what, ms, rate, target in rows:
+        p50, p99 = (f"{np.percentile(ms, 50):.2f}", f"{np.percentile(ms, 99):.2f}") if ms is not None else ("", "")
+        rate = f"{rate:,.0f}" if rate is not None else (f"{1000 / np.mean(ms):,.0f}" if ms is not None else "")
+        print(f"| {server} | {config} | {model} | {what} | {p50} | {p99} | {rate} | {target} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-uri", default="", help="default: train and register a tiny fer_cnn in a temp store")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
-    parser.add_argument("--inputs", nargs="+", default=["b64", "tensor"], choices=["b64", "tensor"])
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per throughput row")
-    parser.add_argument("--requests", type=int, default=500, help="for the latency percentiles")
-    parser.add_argument("--quick", action="store_true", help="1 worker, b64, 1 s rows, 40 requests: a smoke check")
+    parser.add_argument("--requests", type=int, default=1000, help="sequential requests per latency row")
+    parser.add_argument("--clients-requests", type=int, default=1000, help="requests per client, 8 clients")
+    parser.add_argument("--batches", type=int, default=20, help="batches of 256 per client, 2 clients")
+    parser.add_argument("--quick", action="store_true", help="a smoke check: 50 requests per row, 4 batches")
     args = parser.parse_args()
     if args.quick:
-        args.workers, args.inputs, args.seconds, args.requests = [1], ["b64"], 1.0, 40
-    cores = os.cpu_count() or 1
+        args.requests, args.clients_requests, args.batches = 50, 50, 4
     root = Path(tempfile.mkdtemp(prefix="cnnlab-bench-serving-"))
-    uri = args.model_uri or tiny_model(root)
-    bodies = {b: payloads(b) for b in args.batches}
+    fer, trivial = models(root, args.model_uri)
+    tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
+    data = bodies()
+    load = [Path("/proc/loadavg").read_text().split()[:3]]
     rows = []
-    for workers in args.workers:
-        threads = args.threads or max(1, cores // workers)
-        proc, url = start_server(uri, workers, threads, root)
-        try:
-            for kind in args.inputs:
-                lat = latency(url, bodies[1][kind], args.requests)
-                rows.append((workers, threads, kind, 1, "latency", np.percentile(lat, 50), np.percentile(lat, 99),
-                             1000 / lat.mean(), "p50 <= 10 ms"))
-                for batch in args.batches:
-                    ips = throughput(url, bodies[batch][kind], batch, 2 * workers, args.seconds)
-                    rows.append((workers, threads, kind, batch, f"{2 * workers} clients", None, None, ips,
-                                 ">= 2000/s" if batch == 256 else ""))
-        finally:
-            stop_server(proc)
-    for batch in args.batches:
-        rows.append((0, args.threads or cores, "b64", batch, "in-process", None, None,
-                     in_process(uri, bodies[batch]["b64"], batch, args.threads or cores, args.seconds),
-                     "baseline: no HTTP"))
-    print(f"\nfer_cnn over HTTP, mlflow models serve, {cores} CPU cores, model {uri}")
-    print(f"{'workers':>7} {'threads':>7} {'input':>6} {'batch':>5} {'mode':>12} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'images/s':>9}  target")
-    for w, t, kind, batch, mode, p50, p99, ips, target in rows:
-        fmt = lambda v: f"{v:7.2f}" if v is not None else f"{'':7}"
-        print(f"{w or '-':>7} {t:>7} {kind:>6} {batch:>5} {mode:>12} {fmt(p50)} {fmt(p99)} {ips:9.0f}  {target}")
+    for workers, guarded in ((1, False), (1, True), (2, True)):
+        if workers == 1:
+            rows += serve_rows("trivial", trivial, tracking_uri, root, workers, guarded, data, args)
+        rows += serve_rows("fer_cnn", fer, tracking_uri, root, workers, guarded, data, args)
+    import torch
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    rows += in_process(fer, data, args.requests)
+    load.append(Path("/proc/loadavg").read_text().split()[:3])
+    from cnnlab.serving import serving_precision
+
+    cpu = next((li.split(":", 1)[1].strip() for li in Path("/proc/cpuinfo").read_text().splitlines()
+                if li.startswith("model name")), platform.processor())
+    print(f"\nfer_cnn {fer} ({serving_precision()}) and a trivial pyfunc; {cpu}, {len(os.sched_getaffinity(0))} cores;"
+          f" load average {' '.join(load[0])} before, {' '.join(load[1])} after\n")
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Predict image files against a cnnlab model served by `mlflow models serve` (standard library only).
+"""Predict image files against a cnnlab model served by `cnnlab serve` or `mlflow models serve` (standard library only).
 
     python serving/client.py http://127.0.0.1:5000 serving/samples/*.jpg
     python serving/client.py http://127.0.0.1:5000 serving/samples/two_faces.jpg --detect-faces

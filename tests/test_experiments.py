@@ -44,7 +44,7 @@ def test_fmnist_run_logs_config_data_metrics_artifacts_and_model(fmnist_dir):
     model = mlflow.pyfunc.load_model(f"runs:/{r.info.run_id}/model")
     assert model.metadata.signature is not None
     out = model.predict(make_fmnist_pixels(fmnist_dir))
-    assert list(out.columns[:2]) == ["label", "class_index"] and set(out["label"]) <= {"clothes", "shoes", "others"}
+    assert list(out[0])[:2] == ["label", "class_index"] and {o["label"] for o in out} <= {"clothes", "shoes", "others"}
 
 
 def make_fmnist_pixels(fmnist_dir):

@@ -159,6 +159,14 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+          timeout=args.timeout)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import serve
 
@@ -298,6 +306,11 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
                   "Run (or reuse) every experiment of the two reports under one parent run and write the table of "
                   "claimed\nagainst measured figures.\n\n  cnnlab reproduce --quick\n"
                   "  cnnlab reproduce --only fer_grid -P device=cuda"),
+    "serve": ("serve a model over REST: MLflow's scoring app behind a guard",
+              "Serve a logged or registered model with MLflow's own scoring app behind a small guard: body size, JSON "
+              "depth,\nContent-Type, requests in progress (503 + Retry-After) and time-outs; limits are environment "
+              "variables\n(serving/README.md). `mlflow models serve` serves the same model without the guard.\n\n"
+              "  cnnlab serve models:/fer_cnn@champion -p 5000\n  cnnlab serve runs:/RUN_ID/model --workers 2"),
     "demo": ("a page to try a served model: photo or webcam, each face's emotion",
              "Serve a page where you upload a photo or use the webcam and see each face boxed with its emotion "
              "and the\nclass probabilities, from a model served by `mlflow models serve`.\n\n"
@@ -398,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
+    p = command("serve", cmd_serve)
+    p.add_argument("model_uri", help="e.g. models:/fer_cnn@champion, runs:/RUN_ID/model or a local folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("-p", "--port", type=int, default=5000)
+    p.add_argument("-w", "--workers", type=_argument("int", least=1), default=1, help="worker processes (default: 1)")
+    p.add_argument("--threads", type=_argument("int", least=0), default=0,
+                   help="torch threads per worker (default: cores / workers)")
+    p.add_argument("-t", "--timeout", type=_argument("int", least=0), default=0,
+                   help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
     p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")

@@ -106,7 +106,7 @@ def _load_weights(weights: str) -> dict:
     path = Path(weights)
     if not path.is_file():
         raise ValueError(f"weights must be 'none', 'imagenet' or a checkpoint file; {weights!r} is none of these")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and dicts: loading runs no code
     state = state.get("model", state) if isinstance(state, dict) else state
     # a checkpoint saved by this platform wraps the net as Classifier.net
     return {k.removeprefix("net."): v for k, v in state.items() if not k.startswith("preprocess.")}

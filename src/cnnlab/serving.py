@@ -1,28 +1,36 @@
-"""The served model: a pyfunc that owns its preprocessing; image bytes or pixels in, labels and probabilities out."""
+"""The served model: a pyfunc that owns its preprocessing; image bytes or pixels in, labels and probabilities out.
+
+Each request is checked against a budget (rows, decoded pixels, image sides and bytes) before anything is decoded,
+then decoded and classified in chunks of bounded size, so memory stays flat however large a request is.
+"""
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import logging
 import os
+import shutil
+import struct
+import threading
+from dataclasses import dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from .data import DataError
 from .data.fer2013 import decode_gray
 
-MAX_SIDE = 4096  # pixels, per side
-MAX_BYTES = 10 * 2**20  # 10 MB per encoded image
-FORMATS = ("PNG", "JPEG", "BMP")
 COLUMN = "image"
-BATCH = 256  # images per forward pass: bounds memory for large requests
+BATCH = 256  # images per forward pass
+CHUNK_PIXELS = 1 << 22  # decoded pixels held at once (4 Mi: 1,820 FER images); a larger image is a chunk alone
 NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+log = logging.getLogger(__name__)
 
 
 class InputError(MlflowException, ValueError):
@@ -32,9 +40,47 @@ class InputError(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
+def settings_from_env(cls):
+    """A dataclass of whole-number settings, each field overridden by the environment variable
+    CNNLAB_SERVING_<FIELD>."""
+    values = {}
+    for f in fields(cls):
+        name = f"CNNLAB_SERVING_{f.name.upper()}"
+        if name in os.environ:
+            text = os.environ[name]
+            if not text.isdigit() or int(text) < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {text!r}")
+            values[f.name] = int(text)
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one request may ask for; each field can be set by the environment variable CNNLAB_SERVING_<FIELD>."""
+    max_rows: int = 1024  # images (or tensor rows) per request
+    max_pixels: int = 4 * 4096 * 4096  # decoded pixels (height x width) per request: four 4096x4096 images
+    max_side: int = 4096  # pixels, per image side
+    max_image_bytes: int = 10 * 2**20  # one encoded image
+
+    def check_rows(self, rows: int) -> None:
+        if rows > self.max_rows:
+            raise InputError(f"request has {rows} rows; the limit is {self.max_rows} per request "
+                             f"(CNNLAB_SERVING_MAX_ROWS)")
+
+    def check_side(self, width: int, height: int, where: str) -> None:
+        if width > self.max_side or height > self.max_side:
+            raise InputError(f"{where}: image is {width}x{height} pixels; the limit is "
+                             f"{self.max_side}x{self.max_side} (CNNLAB_SERVING_MAX_SIDE)")
+
+    def check_pixels(self, pixels: int, what: str) -> None:
+        if pixels > self.max_pixels:
+            raise InputError(f"{what} {pixels:,} pixels; the limit is {self.max_pixels:,} per request "
+                             f"(CNNLAB_SERVING_MAX_PIXELS)")
+
+
 def pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "pillow"):
+    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -42,35 +88,79 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def signature(output: pd.DataFrame):
+def signature(output: list[dict]):
     """Output and params schema, no input schema: MLflow can't express "an image column OR a pixel tensor" and would
     turn one of them into an error (a column schema makes a DataFrame of tensors); predict checks both itself."""
     from mlflow.models import infer_signature
 
-    return infer_signature(None, output, params={"detect_faces": False})
+    return infer_signature(None, pd.DataFrame(output), params={"detect_faces": False})
 
 
-def _check_header(data: bytes, where: str) -> None:
-    """Format and size from the header alone (PIL opens lazily), before any full decode."""
-    from PIL import Image, UnidentifiedImageError
+def package_copy(dest: Path) -> str:
+    """This package copied for a logged model's code_paths, as a namespace portion (no top-level __init__.py).
 
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
-            width, height = im.size
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{where}: image too large ({e}); the limit is {MAX_SIDE}x{MAX_SIDE} pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise InputError(f"{where}: not a PNG, JPEG or BMP image ({len(data)} bytes)") from None
-    if width > MAX_SIDE or height > MAX_SIDE:
-        raise InputError(f"{where}: image is {width}x{height} pixels; the limit is {MAX_SIDE}x{MAX_SIDE}")
+    MLflow puts code_paths first on sys.path when it loads a model; a regular package anywhere on sys.path wins over a
+    namespace portion, so an installed cnnlab stays the one imported (here and in spawned workers) and the copy is
+    imported only where cnnlab is not installed (`mlflow models serve` in a fresh environment).
+    """
+    package = Path(__file__).resolve().parent
+
+    def skip(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if n == "__pycache__" or (n == "__init__.py" and Path(folder) == package)]
+    target = Path(dest) / package.name
+    shutil.copytree(package, target, ignore=skip)
+    return str(target)
 
 
-def decode_image(value, where: str) -> np.ndarray:
-    """A base64 string (or raw bytes, in process) of a PNG, JPEG or BMP file -> uint8 (H, W), as in training."""
+# --- image headers: format and size before any decode ---------------------------------------------------------------
+
+SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # JPEG frame headers
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:  # stray bytes between segments: skip to the next marker, as libjpeg does
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in SOF:
+            height, width = struct.unpack(">HH", data[i + 5: i + 9])
+            return width, height
+        elif marker == 0xDA:  # scan data before any frame header
+            return None
+        else:
+            i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
+    return None
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header; None for anything else or a header cut short."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_size(data)
+    if data[:2] == b"BM" and len(data) >= 26:
+        header = struct.unpack("<I", data[14:18])[0]
+        width, height = struct.unpack("<HH", data[18:22]) if header == 12 else struct.unpack("<ii", data[18:26])
+        return (width, abs(height)) if width >= 0 else None
+    return None
+
+
+def image_bytes(value, where: str, budget: Budget) -> bytes:
+    """A base64 string (a data URL too; raw bytes in process) -> the encoded image's bytes, size-checked."""
+    limit = budget.max_image_bytes
     if isinstance(value, str):
-        text = value.split(",", 1)[1] if value.startswith("data:") else value  # data URLs too
-        if len(text) > 2 * MAX_BYTES:  # cheap pre-check; the exact one follows the decode
-            raise InputError(f"{where}: {len(text)} base64 characters; the limit is {MAX_BYTES // 2**20} MB per image")
+        text = value.split(",", 1)[1] if value.startswith("data:") else value
+        if len(text) > 2 * limit:  # cheap pre-check before decoding; the exact one follows
+            raise InputError(f"{where}: {len(text):,} base64 characters; the limit is {limit:,} bytes per image "
+                             f"(CNNLAB_SERVING_MAX_IMAGE_BYTES)")
         try:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as e:
@@ -81,14 +171,151 @@ def decode_image(value, where: str) -> np.ndarray:
         raise InputError(f"{where}: expected a base64-encoded image string, got {type(value).__name__} {value!r:.50}")
     if not data:
         raise InputError(f"{where}: empty image")
-    if len(data) > MAX_BYTES:
-        raise InputError(f"{where}: image is {len(data)} bytes; the limit is {MAX_BYTES // 2**20} MB "
-                         f"({MAX_BYTES} bytes)")
-    _check_header(data, where)
+    if len(data) > limit:
+        raise InputError(f"{where}: image is {len(data):,} bytes; the limit is {limit:,} bytes "
+                         f"(CNNLAB_SERVING_MAX_IMAGE_BYTES)")
+    return data
+
+
+def decode(data: bytes, where: str, channels: int) -> np.ndarray:
+    """Image bytes -> uint8 (H, W) gray, decoded as in training, or (3, H, W) RGB for color models (OpenCV only)."""
+    import cv2
+
     try:
-        return decode_gray(data, where)
+        if channels == 1:
+            return decode_gray(data, where)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except DataError as e:
         raise InputError(str(e)) from None
+    if img is None:
+        raise InputError(f"{where}: not a decodable image")
+    if img.dtype != np.uint8:
+        raise InputError(f"{where}: expected 8-bit pixels, got {img.dtype}")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    else:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return img.transpose(2, 0, 1)
+
+
+# --- requests: rows of encoded images, or a pixel tensor --------------------------------------------------------------
+
+def runs(pixels: list[int], limit: int) -> list[list[int]]:
+    """Consecutive rows in groups of at most BATCH rows and `limit` pixels (a larger image is a group alone)."""
+    groups, current, total = [], [], 0
+    for i, p in enumerate(pixels):
+        if current and (total + p > limit or len(current) == BATCH):
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += p
+    return groups + [current] if current else groups
+
+
+def stacks(images: list[np.ndarray], rows: list[int]):
+    """(rows, stacked array) per distinct image shape."""
+    by_shape: dict[tuple, list[int]] = {}
+    for k, img in enumerate(images):
+        by_shape.setdefault(img.shape, []).append(k)
+    for ks in by_shape.values():
+        yield [rows[k] for k in ks], np.stack([images[k] for k in ks])
+
+
+class Encoded:
+    """Rows of PNG/JPEG/BMP bytes whose sizes, read from their headers, fit the budget; decoded chunk by chunk."""
+
+    def __init__(self, values: list, budget: Budget, channels: int):
+        budget.check_rows(len(values))
+        if not values:
+            raise InputError(f"empty request: no images in column {COLUMN!r}")
+        self.blobs = [image_bytes(v, f"row {i}", budget) for i, v in enumerate(values)]
+        self.sizes = []
+        for i, data in enumerate(self.blobs):
+            size = image_size(data)
+            if size is None:
+                raise InputError(f"row {i}: not a PNG, JPEG or BMP image, or its header is cut short "
+                                 f"({len(data):,} bytes)")
+            budget.check_side(*size, f"row {i}")
+            self.sizes.append(size)
+        self.pixels = [w * h for w, h in self.sizes]
+        budget.check_pixels(sum(self.pixels), f"request's {len(values)} images decode to")
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def image(self, i: int) -> np.ndarray:
+        img = decode(self.blobs[i], f"row {i}", self.channels)
+        if img.shape[-1] * img.shape[-2] > self.pixels[i]:  # the decoder must agree with the header it was held to
+            raise InputError(f"row {i}: image decodes to {img.shape[-1]}x{img.shape[-2]} pixels, "
+                             f"its header says {self.sizes[i][0]}x{self.sizes[i][1]}")
+        return img
+
+    def chunks(self):
+        for rows in runs(self.pixels, CHUNK_PIXELS):
+            yield from stacks([self.image(i) for i in rows], rows)
+
+
+class Pixels:
+    """A pixel tensor (N, H, W) / (N, 1, H, W) for gray models, (N, 3, H, W) for color: uint8 or integers 0-255, or
+    floats 0-1; shape, size and range checked at once, converted chunk by chunk."""
+
+    def __init__(self, array, budget: Budget, channels: int):
+        if isinstance(array, torch.Tensor):
+            array = array.numpy()
+        try:
+            a = np.asarray(array)
+        except ValueError as e:  # ragged nested lists
+            raise InputError(f"pixel tensor is not rectangular: {e}") from None
+        if a.size == 0:
+            raise InputError(f"empty request: pixel tensor of shape {a.shape} holds no pixels")
+        if channels == 1 and a.ndim == 4 and a.shape[1] == 1:
+            a = a[:, 0]
+        want = "(N, H, W) or (N, 1, H, W)" if channels == 1 else f"(N, {channels}, H, W)"
+        if a.ndim != (3 if channels == 1 else 4) or (channels > 1 and a.shape[1] != channels):
+            raise InputError(f"pixel tensor must have shape {want}, got {a.shape}")
+        budget.check_rows(len(a))
+        budget.check_side(a.shape[-1], a.shape[-2], "pixel tensor")
+        budget.check_pixels(a.size // channels, f"pixel tensor of shape {a.shape} holds")
+        self.array, self.dtype = a, self._dtype(a)
+
+    @staticmethod
+    def _dtype(a: np.ndarray):
+        if a.dtype == np.uint8:
+            return np.uint8
+        if np.issubdtype(a.dtype, np.integer):  # JSON integers arrive as int64
+            if a.min() < 0 or a.max() > 255:
+                raise InputError(f"integer pixels must be within 0..255, got {a.min()}..{a.max()}")
+            return np.uint8
+        if np.issubdtype(a.dtype, np.floating):
+            if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+                raise InputError(f"float pixels must be finite and within 0..1, got {np.nanmin(a)}..{np.nanmax(a)}")
+            return np.float32
+        raise InputError(f"pixel dtype must be uint8 or integer (0-255) or float (0-1), got {a.dtype}")
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def image(self, i: int) -> np.ndarray:
+        return self.array[i].astype(self.dtype, copy=False)
+
+    def chunks(self):
+        pixels = self.array[0].size
+        for rows in runs([pixels] * len(self.array), CHUNK_PIXELS):
+            yield rows, self.array[rows[0]: rows[-1] + 1].astype(self.dtype, copy=False)
+
+
+class Crops:
+    """Face crops of one image (already decoded, inside the budget)."""
+
+    def __init__(self, crops: list[np.ndarray]):
+        self.crops = crops
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def chunks(self):
+        yield from stacks(self.crops, list(range(len(self.crops))))
 
 
 def image_column(model_input) -> list:
@@ -98,48 +325,28 @@ def image_column(model_input) -> list:
         raise InputError(f"expected a column {COLUMN!r} of base64-encoded images, got columns {columns}; "
                          f"send pixel tensors as 'inputs' instead")
     values = model_input[COLUMN]
-    values = [values] if isinstance(values, (str, bytes)) else list(np.asarray(values, dtype=object).ravel())
-    if not values:
-        raise InputError(f"empty request: no images in column {COLUMN!r}")
-    return values
+    if isinstance(values, (str, bytes)):
+        return [values]
+    return values.tolist() if isinstance(values, pd.Series) else list(np.asarray(values, dtype=object).ravel())
 
 
-def pixels_array(array) -> np.ndarray:
-    """(N, H, W) or (N, 1, H, W) uint8/integer 0-255 or float 0-1 -> uint8 or float32 (N, H, W); else an InputError."""
-    try:
-        a = np.asarray(array)
-    except ValueError as e:  # ragged nested lists
-        raise InputError(f"pixel tensor is not rectangular: {e}") from None
-    if a.size == 0:
-        raise InputError(f"empty request: pixel tensor of shape {a.shape} holds no pixels")
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 3:
-        raise InputError(f"pixel tensor must have shape (N, H, W) or (N, 1, H, W), got {a.shape}")
-    if a.shape[1] > MAX_SIDE or a.shape[2] > MAX_SIDE:
-        raise InputError(f"images are {a.shape[2]}x{a.shape[1]} pixels; the limit is {MAX_SIDE}x{MAX_SIDE}")
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if np.issubdtype(a.dtype, np.integer):  # JSON integers arrive as int64
-        if a.min() < 0 or a.max() > 255:
-            raise InputError(f"integer pixels must be within 0..255, got {a.min()}..{a.max()}")
-        return a.astype(np.uint8)
-    if np.issubdtype(a.dtype, np.floating):
-        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise InputError(f"float pixels must be finite and within 0..1, got {np.nanmin(a)}..{np.nanmax(a)}")
-        return a.astype(np.float32)
-    raise InputError(f"pixel dtype must be uint8 or integer (0-255) or float (0-1), got {a.dtype}")
-
-
-def to_images(model_input) -> list[np.ndarray] | np.ndarray:
-    """Base64 images (DataFrame or dict column) -> list of uint8 (H, W); pixel tensors -> (N, H, W) array."""
+def images_of(model_input, budget: Budget, channels: int) -> Encoded | Pixels:
     if isinstance(model_input, (pd.DataFrame, dict)):
-        return [decode_image(v, f"row {i}") for i, v in enumerate(image_column(model_input))]
+        return Encoded(image_column(model_input), budget, channels)
     if model_input is None:
         raise InputError("empty request: no input")
-    if isinstance(model_input, torch.Tensor):
-        model_input = model_input.numpy()
-    return pixels_array(model_input)
+    return Pixels(model_input, budget, channels)
+
+
+def wants_faces(params) -> bool:
+    if params is None:
+        return False
+    if not isinstance(params, dict):
+        raise InputError(f"params must be an object, got {type(params).__name__}")
+    value = params.get("detect_faces", False)
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"params.detect_faces must be true or false, got {value!r:.50}")
+    return bool(value)
 
 
 def serving_precision() -> str:
@@ -154,8 +361,18 @@ def serving_precision() -> str:
     return choice
 
 
+def serving_threads() -> int | None:
+    """CNNLAB_SERVING_THREADS: torch threads of this process (`cnnlab serve` sets cores / workers)."""
+    text = os.environ.get("CNNLAB_SERVING_THREADS")
+    if text is None:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"CNNLAB_SERVING_THREADS must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 class FaceDetector:
-    """OpenCV's bundled frontal-face Haar cascade."""
+    """OpenCV's bundled frontal-face Haar cascade (one per thread: a cascade is not safe to share)."""
 
     def __init__(self):
         import cv2
@@ -164,15 +381,22 @@ class FaceDetector:
         if self.cascade.empty():
             raise RuntimeError(f"Haar cascade not found in {cv2.data.haarcascades}")
 
-    def __call__(self, gray: np.ndarray) -> list[tuple[int, int, int, int]]:
-        if gray.dtype != np.uint8:
-            gray = np.rint(gray * 255).astype(np.uint8)
-        boxes = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
+    def __call__(self, img: np.ndarray) -> list[tuple[int, int, int, int]]:
+        import cv2
+
+        if img.ndim == 3:
+            img = cv2.cvtColor(np.ascontiguousarray(img.transpose(1, 2, 0)), cv2.COLOR_RGB2GRAY)
+        if img.dtype != np.uint8:
+            img = np.rint(img * 255).astype(np.uint8)
+        boxes = self.cascade.detectMultiScale(img, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24))
         return sorted(tuple(int(v) for v in box) for box in boxes)
 
 
 class CnnlabModel(mlflow.pyfunc.PythonModel):
-    """Rebuilds the trained Classifier from its bundle; predicts labels and per-class probabilities."""
+    """Rebuilds the trained Classifier from its bundle; predicts labels and per-class probabilities.
+
+    predict returns one record (a dict) per image, as the REST answer has them: no DataFrame to build and convert.
+    """
 
     def load_context(self, context) -> None:
         self._load(context.artifacts["bundle"])
@@ -183,64 +407,80 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         model._load(path)
         return model
 
+    @classmethod
+    def from_classifier(cls, classifier, classes: list[str], image_channels: int = 1) -> "CnnlabModel":
+        model = cls()
+        model._setup(classifier, classes, image_channels)
+        return model
+
     def _load(self, path) -> None:
         from .models import from_bundle
 
-        data = torch.load(path, map_location="cpu", weights_only=False)
-        self.classes = data["classes"]
-        self.classifier = from_bundle(data)
-        net = self.classifier.net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for CPU convs, pools
-        # bf16 weights once, not autocast: autocast re-casts every weight on every request (ms at batch 1);
+        data = torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts, strings: no code runs
+        self._setup(from_bundle(data), data["classes"], int(data["preprocess"].get("image_channels", 1)))
+
+    def _setup(self, classifier, classes: list[str], image_channels: int) -> None:
+        threads = serving_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        self.classes, self.channels, self.budget = list(classes), image_channels, settings_from_env(Budget)
+        self.columns = [f"prob_{name}" for name in self.classes]
+        self.classifier = classifier.eval()
+        net = classifier.net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for CPU convs, pools
+        # weights cast once, not autocast: autocast re-casts every weight on every request (ms at batch 1);
         # norm layers stay fp32 for their running statistics
         self.dtype = torch.bfloat16 if serving_precision() == "bf16" else torch.float32
         net.to(self.dtype)
         for m in net.modules():
             if isinstance(m, NORMS):
                 m.float()
-        self._faces = None
+        self._lock = threading.Lock()  # one forward at a time: concurrent ones would oversubscribe the cores
+        self._local = threading.local()
 
     @torch.inference_mode()
-    def probabilities(self, pixels: torch.Tensor) -> np.ndarray:
-        """Class probabilities (N, C) for a batch of same-size images, in batches of BATCH."""
-        clf, out = self.classifier, []
-        for i in range(0, len(pixels), BATCH):
-            x = clf.preprocess(pixels[i: i + BATCH]).to(self.dtype)  # the training preprocessing, in fp32
-            out.append(clf.probabilities(clf.net(x)).numpy())
-        return np.concatenate(out).astype(np.float64)
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C) for a stack of same-size images, N <= BATCH."""
+        clf = self.classifier
+        with self._lock:
+            x = clf.preprocess(torch.from_numpy(pixels)).to(self.dtype)  # the training preprocessing, in fp32
+            return clf.probabilities(clf.net(x)).numpy()
 
-    def image_probabilities(self, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
-        """Probabilities for images of any sizes: one batch per distinct size, rows in input order."""
-        if isinstance(images, np.ndarray):
-            return self.probabilities(torch.from_numpy(images))
-        groups: dict[tuple, list[int]] = {}
-        for i, img in enumerate(images):
-            groups.setdefault(img.shape, []).append(i)
-        probs = np.empty((len(images), len(self.classes)))
-        for idx in groups.values():
-            probs[idx] = self.probabilities(torch.from_numpy(np.stack([images[i] for i in idx])))
+    def classify(self, images: Encoded | Pixels) -> np.ndarray:
+        probs = np.empty((len(images), len(self.classes)), np.float32)
+        for rows, pixels in images.chunks():
+            probs[rows] = self.probabilities(pixels)
         return probs
 
-    def frame(self, probs: np.ndarray) -> pd.DataFrame:
-        """label, class_index and one prob_<class> column per class."""
-        index = probs.argmax(1)
-        return pd.DataFrame({"label": [self.classes[i] for i in index], "class_index": index.astype(np.int64),
-                             **{f"prob_{name}": probs[:, k] for k, name in enumerate(self.classes)}})
+    def records(self, probs: np.ndarray) -> list[dict]:
+        """label, class_index and one prob_<class> per class, per image."""
+        index = probs.argmax(1).tolist()
+        return [{"label": self.classes[k], "class_index": k, **dict(zip(self.columns, row))}
+                for k, row in zip(index, probs.astype(np.float64).tolist())]
 
-    def faces(self, images) -> pd.DataFrame:
-        """One row per image: how many faces, and per face its box (x, y, w, h), label and probabilities."""
-        self._faces = self._faces or FaceDetector()
+    def faces(self, images: Encoded | Pixels) -> list[dict]:
+        """One record per image: how many faces, and per face its box (x, y, w, h), label and probabilities."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = FaceDetector()
         rows = []
-        for i, img in enumerate(images):
-            boxes = self._faces(img)
-            crops = [img[y: y + h, x: x + w] for x, y, w, h in boxes]
-            found = self.frame(self.image_probabilities(crops)).to_dict("records") if crops else []
+        for i in range(len(images)):
+            img = images.image(i)
+            boxes = detector(img)
+            crops = [np.ascontiguousarray(img[..., y: y + h, x: x + w]) for x, y, w, h in boxes]
+            found = self.records(self.classify(Crops(crops))) if crops else []
             detections = [{"box": dict(zip("xywh", box)), **face} for box, face in zip(boxes, found)]
             rows.append({"image": i, "faces": len(boxes), "detections": detections,
                          "message": f"{len(boxes)} face(s) found" if boxes else "no face found"})
-        return pd.DataFrame(rows, columns=["image", "faces", "detections", "message"])
+        return rows
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        images = to_images(model_input)
-        if (params or {}).get("detect_faces"):
-            return self.faces(images)
-        return self.frame(self.image_probabilities(images))
+    def predict(self, context, model_input, params=None) -> list[dict]:
+        try:
+            faces = wants_faces(params)
+            images = images_of(model_input, self.budget, self.channels)
+            return self.faces(images) if faces else self.records(self.classify(images))
+        except InputError:
+            raise
+        except Exception as e:  # a bug, not the client's mistake: 500, the traceback in the server's log only
+            log.exception("predict failed")
+            raise MlflowException(f"internal error: {type(e).__name__}; see the server log",
+                                  error_code=INTERNAL_ERROR) from None

@@ -689,28 +689,36 @@ class MlflowServer(Daemon):
 
 
 class ModelServer(Daemon):
-    """`mlflow models serve` of a registered model (e.g. models:/NAME@champion) in this environment."""
+    """A registered model (e.g. models:/NAME@champion) served in this environment by `mlflow models serve`, or with
+    `guarded` by `cnnlab serve` (MLflow's app behind limits); `env` is added to the server's environment."""
 
     name = "model-server"
 
-    def __init__(self, root: Path | str, model_uri: str, tracking_uri: str, port: int = 0):
+    def __init__(self, root: Path | str, model_uri: str, tracking_uri: str, port: int = 0, workers: int = 1,
+                 guarded: bool = False, env: dict[str, str] | None = None):
         super().__init__(root)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.port = port or free_port()
+        self.workers, self.guarded, self.extra_env = workers, guarded, env or {}
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
     def argv(self) -> list[str]:
+        if self.guarded:
+            return [sys.executable, "-m", "cnnlab", "serve", self.model_uri, "--host", HOST, "-p", str(self.port),
+                    "-w", str(self.workers)]
         return [_bin("mlflow"), "models", "serve", "-m", self.model_uri, "--env-manager", "local",
-                "-h", HOST, "-p", str(self.port), "-w", "1"]
+                "-h", HOST, "-p", str(self.port), "-w", str(self.workers)]
 
     def marker(self) -> str:
         return f"-p {self.port} "
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri}
+        # `mlflow models serve` runs `uvicorn` from PATH: this environment's first
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": self.tracking_uri, **self.extra_env}
 
     def healthy(self) -> bool:
         return _get_ok(f"{self.url}/ping")
@@ -727,6 +735,20 @@ class ModelServer(Daemon):
                 raise RuntimeError(f"cannot serve {self.model_uri}: {denied}") from e
             raise
         return self
+
+    def processes(self) -> list[int]:
+        """The server's process and its descendants (`mlflow models serve` runs uvicorn, uvicorn its workers)."""
+        pids = [self.pid()] if self.running() else []
+        for pid in pids:  # grows while it is walked
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pids += map(int, (task / "children").read_text().split())
+        return pids
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A memory figure of a process in kB from /proc: VmRSS (now) or VmHWM (its peak so far)."""
+    line = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines() if li.startswith(f"{field}:"))
+    return int(line.split()[1])
 
 
 # --- the stack -------------------------------------------------------------------------------------------------

@@ -219,6 +219,6 @@ def log_model(classifier, spec: dict, classes: list[str], example, step: int = 0
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
-            code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(output),
+            code_paths=[serving.package_copy(Path(tmp) / "code")], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements(), step=step)
     return info.model_id

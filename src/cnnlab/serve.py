@@ -1,0 +1,271 @@
+"""`cnnlab serve`: MLflow's own scoring app (mlflow.pyfunc.scoring_server) behind a small ASGI guard.
+
+MLflow's server reads and parses a request body before the model sees it, with no limit on its size, nesting or
+arrival time: a body nested 5,000 deep or an integer of 5,000 digits gets HTTP 500, a missing Content-Type too, and a
+gigabyte body is read into memory. The guard answers these with a 4xx before MLflow reads the body, bounds the
+requests in progress (503 with Retry-After beyond), and strips stack traces from error answers; everything else is
+MLflow's app, unchanged (`mlflow models serve` keeps working as is, without these protections).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .serving import settings_from_env
+
+MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
+MEDIA_TYPES = ("application/json", "text/csv")  # not Parquet: a small compressed body can expand without bound
+STRING = re.compile(rb'"[^"]*"')  # a JSON string once escaped backslashes and quotes are gone
+NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+DIGITS = bytes(48 if 48 <= b <= 57 else 32 for b in range(256))
+LONG_NUMBER = 4300  # digits Python's int() refuses (sys.get_int_max_str_digits): json raises ValueError, not a 400
+STEP = np.zeros(256, np.int8)  # nesting change per byte
+STEP[list(b"[{")] = 1
+STEP[list(b"]}")] = -1
+MAX_MESSAGE = 2000  # characters of an error message: MLflow's can quote the whole body
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The guard's limits per worker; each field can be set by the environment variable CNNLAB_SERVING_<FIELD>."""
+    max_body_bytes: int = 16 * 2**20  # one 10 MB image as base64 (13.4 MB) fits
+    max_depth: int = 32  # JSON nesting; the deepest valid request needs 5
+    max_active: int = 4  # requests read, parsed and predicted at once
+    max_queue: int = 64  # requests waiting for one of those slots; beyond, 503 with Retry-After
+    timeout: int = 60  # seconds: for a body to arrive (else 408), for a slot (503), for the answer (MLflow's, 504)
+
+
+def json_problem(body: bytes, max_depth: int) -> str | None:
+    """Why Python's json would fail on `body` with something other than a JSONDecodeError (MLflow answers those with
+    HTTP 500): nesting deeper than `max_depth`, or an integer longer than Python converts. None if neither."""
+    if len(body) < LONG_NUMBER and body.count(b"[") + body.count(b"{") <= max_depth:
+        return None
+    text = STRING.sub(b'""', body.replace(b"\\\\", b"").replace(b'\\"', b""))  # outside strings
+    digits = text.translate(DIGITS)  # digits as "0", the rest as " ": one fast substring search finds a long run
+    at = digits.find(b"0" * LONG_NUMBER)
+    if at >= 0:
+        run = len(digits) - at - len(digits[at:].lstrip(b"0"))
+        return f"a number of {run:,} digits; numbers must have fewer than {LONG_NUMBER:,}"
+    brackets = text.translate(None, NOT_BRACKETS)
+    depth = int(np.cumsum(STEP[np.frombuffer(brackets, np.uint8)], dtype=np.int32).max(initial=0))
+    if depth > max_depth:
+        return f"JSON nested {depth:,} levels deep; the limit is {max_depth} (CNNLAB_SERVING_MAX_DEPTH)"
+    return None
+
+
+def shorten(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else f"{text[:500]} ... {text[-(MAX_MESSAGE - 505):]}"
+
+
+def scrub(body: bytes) -> bytes:
+    """An error answer without a stack trace and with a message of bounded length."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return shorten(body.decode("utf-8", "replace")).encode()
+    if not isinstance(doc, dict):
+        return body
+    doc.pop("stack_trace", None)
+    if isinstance(doc.get("message"), str):
+        doc["message"] = shorten(doc["message"])
+    return json.dumps(doc).encode()
+
+
+async def answer(send, status: int, code: str, message: str, headers: tuple = ()) -> None:
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Guard:
+    """ASGI middleware for POST /invocations: a slot, then Content-Type, body size and arrival time, JSON shape."""
+
+    def __init__(self, app, limits: Limits):
+        self.app, self.limits = app, limits
+        self.slots = asyncio.Semaphore(limits.max_active)
+        self.waiting = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.waiting >= self.limits.max_queue:
+            return await self.busy(send)
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                await self.slots.acquire()
+        except TimeoutError:
+            return await self.busy(send)
+        finally:
+            self.waiting -= 1
+        try:
+            await self.guarded(scope, receive, send)
+        finally:
+            self.slots.release()
+
+    async def busy(self, send) -> None:
+        await answer(send, 503, "TEMPORARILY_UNAVAILABLE",
+                     f"server busy: {self.limits.max_active} requests in progress and {self.waiting} waiting "
+                     f"(CNNLAB_SERVING_MAX_ACTIVE, CNNLAB_SERVING_MAX_QUEUE); retry after 1 s",
+                     ((b"retry-after", b"1"),))
+
+    async def guarded(self, scope, receive, send) -> None:
+        limit = self.limits.max_body_bytes
+        headers = dict(scope["headers"])
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if media not in MEDIA_TYPES:
+            return await answer(send, 415, "BAD_REQUEST", f"Content-Type must be {' or '.join(MEDIA_TYPES)}, "
+                                                          f"got {media or 'none'!r:.100}")
+        length = headers.get(b"content-length", b"0")
+        if int(length) > limit:  # the server already refused a malformed Content-Length
+            return await answer(send, 413, "REQUEST_LIMIT_EXCEEDED", f"body of {int(length):,} bytes; the limit is "
+                                                                     f"{limit:,} (CNNLAB_SERVING_MAX_BODY_BYTES)")
+        try:
+            async with asyncio.timeout(self.limits.timeout):
+                body = await read_body(receive, limit)
+        except TimeoutError:
+            return await answer(send, 408, "BAD_REQUEST", f"body not received within {self.limits.timeout} s "
+                                                          f"(CNNLAB_SERVING_TIMEOUT)")
+        except TooLarge:
+            return await answer(send, 413, "REQUEST_LIMIT_EXCEEDED", f"body over {limit:,} bytes "
+                                                                     f"(CNNLAB_SERVING_MAX_BODY_BYTES)")
+        if body is None:  # the client left
+            return
+        problem = None
+        if media == "application/json":  # a large body is checked off the event loop: other requests go on
+            check = asyncio.to_thread if len(body) > 2**20 else run_here
+            problem = await check(json_problem, body, self.limits.max_depth)
+        if problem:
+            return await answer(send, 400, "BAD_REQUEST", problem)
+        await self.app(scope, replay(body, receive), scrubbed(send))
+
+
+async def run_here(fn, *args):
+    return fn(*args)
+
+
+async def read_body(receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """The app's `receive`: the body already read, then the client's own messages (a disconnect)."""
+    sent = False
+
+    async def again():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return again
+
+
+def scrubbed(send):
+    """The app's `send`: error answers (4xx, 5xx) buffered and scrubbed, others passed through."""
+    start, chunks = None, []
+
+    async def send_scrubbed(message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            start = message
+            return
+        if start is None:
+            return await send(message)
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = scrub(b"".join(chunks))
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    return send_scrubbed
+
+
+class NoDelayH11(H11Protocol):
+    """uvicorn's HTTP/1.1 with TCP_NODELAY on each connection: with several workers uvicorn leaves it off (its listening
+    socket has proto 0, so asyncio skips it) and each keep-alive answer waits ~40 ms for a delayed ACK
+    (uvicorn issue #3149)."""
+
+    def connection_made(self, transport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+def create_app():
+    """Factory for uvicorn (each worker): MLflow's scoring app for the downloaded model, behind the guard."""
+    from mlflow.pyfunc import scoring_server
+
+    model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_ENV])
+    return Guard(scoring_server.init(model), settings_from_env(Limits))
+
+
+def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, threads: int = 0,
+          timeout: int = 0) -> None:
+    """Download the model once, then run `workers` uvicorn workers of the guarded app, each with `threads` torch threads
+    (default: CNNLAB_SERVING_THREADS, else cores / workers: oversubscribed cores collapse throughput)."""
+    import mlflow
+    import uvicorn
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from .serving import Budget
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if timeout:
+        os.environ["CNNLAB_SERVING_TIMEOUT"] = str(timeout)
+    limits = settings_from_env(Limits)
+    budget = settings_from_env(Budget)  # a bad environment variable fails here, not in every worker
+    root = Path(tempfile.mkdtemp(prefix="cnnlab-serve-"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(root))
+        except MlflowException as e:
+            raise RuntimeError(f"cannot download model {model_uri}: {e.message}") from None
+        if "python_function" not in Model.load(Path(local) / "MLmodel").flavors:
+            raise RuntimeError(f"{model_uri} has no python_function flavor: not a model `cnnlab serve` can serve")
+        os.environ[MODEL_ENV] = local
+        if threads:
+            os.environ["CNNLAB_SERVING_THREADS"] = str(threads)
+        os.environ.setdefault("CNNLAB_SERVING_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(limits.timeout)
+        print(f"cnnlab serve: {model_uri}, {workers} worker(s) x {os.environ['CNNLAB_SERVING_THREADS']} torch "
+              f"thread(s); per worker {limits}; per request {budget}", file=sys.stderr, flush=True)
+        # by name: a worker unpickles its config before it answers the supervisor's health checks, and this module
+        # imports torch; loading a model can take longer than uvicorn's 5 s check on a busy machine
+        uvicorn.run("cnnlab.serve:create_app", factory=True, host=host, port=port, workers=workers,
+                    http="cnnlab.serve:NoDelayH11", timeout_worker_healthcheck=120)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
