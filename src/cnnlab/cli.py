@@ -46,6 +46,17 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from .config import parse_params
+    from .experiments import ensemble
+
+    result = ensemble(args.runs, args.name, parse_params(args.param))
+    print(json.dumps(result, indent=2))
+    print(f"cnnlab ensemble: run {result['run_id']} of {len(result['members'])} models; register it with "
+          f"`cnnlab register {result['name']}`", file=sys.stderr)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .config import parse_params
     from .reproduce import reproduce
@@ -183,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. -P epochs=3 -P lr=1e-3")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("ensemble", help="several runs' models as one tracked, registrable model (probabilities averaged)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run IDs (their logged models) or models:/ URIs; ensembles "
+                   "among them are flattened; all trained on the same split (same split_seed)")
+    p.add_argument("--name", default="", help="experiment tag and MLflow experiment of the run, the name to register "
+                   "(default: <members' experiment>_ensemble)")
+    p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation settings over the first member's config, e.g. -P tta=tencrop -P data_dir=DIR")
+    p.set_defaults(func=cmd_ensemble)
     p = sub.add_parser("reproduce", help="run every experiment of the reports and write claimed vs measured")
     p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")

@@ -90,18 +90,63 @@ def log_model(classifier, spec: dict, classes: list[str], example) -> None:
 
     `example` is uint8 (N, H, W) pixels, logged as the numpy input example; the model takes base64 images too.
     """
+    from .models import bundle
+
+    log_bundle(bundle(classifier, spec, classes), example)
+
+
+def log_bundle(data: dict, example) -> None:
+    """Log a model bundle (one model or an ensemble) as the cnnlab pyfunc, with a signature and an input example."""
     import tempfile
 
     import torch
 
     from . import serving
-    from .models import bundle
 
     with tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         path = Path(tmp) / "model.pt"
-        torch.save(bundle(classifier, spec, classes), path)
+        torch.save(data, path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
         mlflow.pyfunc.log_model(
             name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
             code_paths=[str(Path(__file__).resolve().parent)], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements())
+
+
+def logged_model(run):
+    """The model logged by `run` (an MLflow Run), or None."""
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run.info.run_id}'")
+    return found[0] if found else None
+
+
+def load_bundle(ref: str) -> dict:
+    """A model bundle by reference: a bundle file, a run ID (the model it logged) or a models:/ or runs:/ URI.
+    A single model's bundle gets `source`, the run (or file) it came from, so ensembles can name their members."""
+    import tempfile
+
+    from mlflow.models import get_model_info
+
+    from .models import read_bundle
+
+    if Path(ref).is_file():
+        return read_bundle(ref)
+    try:
+        uri = ref if ref.startswith(("models:/", "runs:/")) else _model_location(ref)
+        info = get_model_info(uri)  # its MLmodel file only
+        bundle = info.flavors.get("python_function", {}).get("artifacts", {}).get("bundle")
+        if bundle is None:
+            raise ValueError(f"{ref} is not a cnnlab model (no bundle artifact in its MLmodel)")
+        with tempfile.TemporaryDirectory(prefix="cnnlab-bundle-") as tmp:
+            path = mlflow.artifacts.download_artifacts(f"{uri}/{bundle['path']}", dst_path=tmp)
+            return read_bundle(path, source=info.run_id or ref)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"{ref!r} is neither a bundle file nor a model or run in {mlflow.get_tracking_uri()}: "
+                         f"{e.message[:300]}") from None
+
+
+def _model_location(run_id: str) -> str:
+    model = logged_model(mlflow.get_run(run_id))
+    if model is None:
+        raise ValueError(f"run {run_id} logged no model (log_model=false?)")
+    return model.artifact_location  # not models:/<id>: a path after that would read as a registered model's
