@@ -26,6 +26,7 @@ from common import table  # noqa: E402
 
 from cnnlab import pipeline  # noqa: E402
 from cnnlab.config import make_config, parse_params  # noqa: E402
+from cnnlab.devices import device_name, resolve_device, resolve_precision  # noqa: E402
 from cnnlab.experiments import run  # noqa: E402
 
 CURVE_HEADER = ("epoch", "train min (cumulative)", "val acc", "val acc, trained weights (EMA runs)", "train img/s",
@@ -119,8 +120,9 @@ def costs(overrides: dict, members: int, rounds: int) -> None:
                 best[name] = max(best[name], sum(h["train_images_per_s"] for h in history) / len(history))
     baseline = best["plain (baseline)"]
     steps = -(-len(pipeline.load_data(base)["train"]) // base.batch_size)
-    print(f"fer_best, {steps} steps of {base.batch_size} per epoch, precision {base.precision}, "
-          f"{torch.get_num_threads()} threads, best of {rounds} rounds")
+    device = resolve_device(base.device)
+    print(f"fer_best (vgg_bn width {base.width}), {steps} steps of {base.batch_size} per epoch, {device_name(device)}, "
+          f"{resolve_precision(base.precision, device)}, {torch.get_num_threads()} threads, best of {rounds} rounds")
     print(table([(name, f"{v:.0f}", f"{v / baseline:.2f}x") for name, v in best.items()], COST_HEADER))
 
 

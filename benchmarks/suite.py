@@ -4,7 +4,7 @@ Each job trains with the platform's own config, loop and evaluation, writes DIR/
 (so a job cut off by a time limit still reports) and its model bundle DIR/<job>.pt at the end, and the script prints
 a table at the end.
 
-    python benchmarks/suite.py benchmarks/gpu_jobs.yaml --out /tmp/out --parallel 6 [--quick] [--fit-seconds S]
+    python benchmarks/suite.py benchmarks/gpu_jobs.yaml --out /tmp/out --parallel 6 [--quick] [--fit-seconds S] [-P K=V]
 
 A job with `members: [JOB, ...]` evaluates those jobs' models as one ensemble (its params: evaluation settings such
 as tta); a job whose `teacher` param names jobs (comma-separated) distills from their models. Such jobs run after the
@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from cnnlab import devices
+from cnnlab.config import parse_params
 
 
 COLUMNS = {"val": "val_accuracy", "val raw": "val_accuracy_raw", "val TTA": "val_tta_accuracy",
@@ -139,9 +140,13 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated job names")
     parser.add_argument("--quick", action="store_true", help="1 epoch on 300 images per job: a smoke check")
     parser.add_argument("--fit-seconds", type=float, default=0, help="cap each job's epochs to end within this time")
+    parser.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config field in every job, e.g. -P device=cuda -P data_dir=DIR")
     args = parser.parse_args()
     args.threads = args.threads or devices.threads_per_worker(args.parallel)
     jobs = yaml.safe_load(args.jobs.read_text())
+    for job in jobs.values():
+        job["params"] = {**job.get("params", {}), **parse_params(args.params)}
     names = [n for n in jobs if not args.only or n in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     plan = rounds(jobs, names, args.out)

@@ -3,6 +3,9 @@ test-time augmentation as a model-level function that serving can call."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import mlflow
 import numpy as np
@@ -13,6 +16,7 @@ from cnnlab import config, experiments, models, pipeline, registry, tracking
 from cnnlab.augment import tta_probabilities
 from cnnlab.serving import CnnlabModel
 from cnnlab.training import predict
+from conftest import REPO
 
 
 def tiny_fer(fer_subset, **overrides) -> config.Config:
@@ -115,3 +119,19 @@ def test_the_serving_tta_function_equals_the_pipelines_tta_evaluation(fer_subset
     assert np.abs(served - plain).max() > 1e-3  # the views change the answer: the comparison means something
     with pytest.raises(ValueError, match="tta must be one of"):
         tta_probabilities(trained.model, images, "fivecrop")
+
+
+def test_the_gpu_job_file_runs_its_ensemble_and_student_rounds(fer_subset, tmp_path):
+    """benchmarks/gpu_fer_best_long.yaml as the GPU call runs it, shrunk (--quick, width 8): every job trains or
+    evaluates, the ensemble from its members' bundles, the student from the ensemble's."""
+    jobs = "ema_s0,ema_s1,ema_s2,ensemble3,distilled"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), str(REPO / "benchmarks" /
+                          "gpu_fer_best_long.yaml"), "--out", str(tmp_path), "--quick", "--only", jobs,
+                          "-P", f"data_dir={fer_subset}", "-P", "width=8"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "error" not in out.stdout, out.stdout
+    records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in jobs.split(",")}
+    assert all((tmp_path / f"{name}.pt").exists() for name in records)
+    assert records["ensemble3"]["tags"]["members"] == "ema_s0,ema_s1,ema_s2" and "test_tta_accuracy" in records["ensemble3"]
+    assert records["distilled"]["tags"]["teacher_members"] == "3" and records["distilled"]["history"]
+    assert "val_accuracy_raw" in records["ema_s0"] and "test_tta_accuracy_raw" in records["ema_s0"]
