@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 AUGMENTS = ("none", "flip", "standard")
 TTA = ("none", "flip", "tencrop")
+ERASE_MIN_AREA = 0.02  # random erasing's smallest box, as a fraction of the image
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, flip: bool, max_shift: float, max_deg: float,
@@ -73,7 +74,8 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, gen
 
 
 def batch_augment(cfg, num_classes: int) -> Callable | None:
-    """The training-time augmentation that `cfg.augment`, `cfg.mixup` and `cfg.cutmix` name, as
+    """The training-time augmentation that `cfg.augment` (standard: with cfg.erase_prob, cfg.erase_area), `cfg.mixup`
+    and `cfg.cutmix` name, as
     fn(x_uint8, y, gen) -> (x, target); mixed targets are distributions over the data's `num_classes`."""
     if cfg.augment == "none" and cfg.mixup <= 0 and cfg.cutmix <= 0:
         return None
@@ -82,7 +84,8 @@ def batch_augment(cfg, num_classes: int) -> Callable | None:
         if cfg.augment == "flip":
             x = random_affine(x, gen, flip=True, max_shift=0.0, max_deg=0.0, scale=(1.0, 1.0))
         elif cfg.augment == "standard":
-            x = random_erasing(random_affine(x, gen, flip=True, max_shift=0.1, max_deg=10.0, scale=(0.9, 1.1)), gen)
+            x = random_affine(x, gen, flip=True, max_shift=0.1, max_deg=10.0, scale=(0.9, 1.1))
+            x = random_erasing(x, gen, cfg.erase_prob, (ERASE_MIN_AREA, cfg.erase_area)) if cfg.erase_prob else x
         else:
             x = to_float(x)
         if cfg.mixup > 0:
@@ -107,3 +110,17 @@ def tta_views(name: str) -> Callable | None:
         crops = [x[..., t: t + ch, l: l + cw] for t, l in corners]
         return crops + [c.flip(-1) for c in crops]
     return tencrop
+
+
+def view_probabilities(model, views: list[torch.Tensor]) -> torch.Tensor:
+    """A Classifier's class probabilities averaged over views of the same images."""
+    return sum(model.probabilities(model(v)) for v in views) / len(views)
+
+
+def tta_probabilities(model, pixels: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """A Classifier's class probabilities (N, C) for a batch of pixels, averaged over the test-time views `tta` names
+    (none, flip, tencrop): what evaluation does, for serving one request."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
+    views = tta_views(tta)
+    return view_probabilities(model, views(pixels) if views else [pixels])

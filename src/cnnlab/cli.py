@@ -87,6 +87,17 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def cmd_ensemble(args) -> int:
+    from .config import parse_params
+    from .experiments import ensemble
+
+    result = ensemble(args.runs, args.name, parse_params(args.param))
+    print(json.dumps(result, indent=2))
+    print(f"cnnlab ensemble: run {result['run_id']} of {len(result['members'])} models; register it with "
+          f"`cnnlab register {result['name']}`", file=sys.stderr)
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .config import parse_params
     from .reproduce import reproduce
@@ -324,6 +335,11 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
              "Move tracked runs (params, metrics, tags, artifacts, logged models) between MLflow stores, e.g. from a "
              "GPU machine's\nlocal store to this one or the team server; importing twice adds nothing.\n\n"
              "  cnnlab runs export out/ --pack parts/\n  cnnlab runs import parts/"),
+    "ensemble": ("several runs' models as one tracked, registrable model (probabilities averaged)",
+                 "Average the class probabilities of several runs' models (EMA weights where trained with EMA) and "
+                 "track the result as\none run with one logged model, evaluated like any run; register it like one.\n\n"
+                 "  cnnlab ensemble RUN_A RUN_B RUN_C --name fer_ensemble\n"
+                 "  cnnlab ensemble RUN_A RUN_B -P tta=hflip"),
     "mlproject": ("print the MLproject file that the presets define",
                   "Print the MLproject file generated from the presets.\n\n  cnnlab mlproject > MLproject"),
 }
@@ -350,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the experiment's every field (with your -P values), its type and allowed values; "
                    "train nothing")
     command("experiments", cmd_experiments)
+    p = command("ensemble", cmd_ensemble)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run IDs (their logged models) or models:/ URIs; ensembles "
+                   "among them are flattened; all trained on the same split (same split_seed)")
+    p.add_argument("--name", default="", help="experiment tag and MLflow experiment of the run, the name to register "
+                   "(default: <members' experiment>_ensemble)")
+    p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluation settings over the first member's config, e.g. -P tta=tencrop -P data_dir=DIR")
     p = command("reproduce", cmd_reproduce)
     p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")

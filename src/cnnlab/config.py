@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from . import data, models
-from .augment import AUGMENTS, TTA
+from .augment import AUGMENTS, ERASE_MIN_AREA, TTA
 from .devices import PRECISIONS
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig
 
@@ -30,10 +30,15 @@ class Config(DataOptions, TrainConfig):
     freeze: str = "none"
     unfreeze_epochs: int = 0
     augment: str = "none"
+    erase_prob: float = 0.5  # augment=standard: random erasing's probability per image
+    erase_area: float = 0.2  # ... and its largest box, as a fraction of the image
     mixup: float = 0.0
     cutmix: float = 0.0
     tta: str = "none"
+    ema: float = 0.0  # decay of the weights' moving average (e.g. 0.999): evaluated, logged and served; 0: off
+    teacher: str = ""  # distill from: run IDs, a models:/ URI or bundle files, comma-separated (an ensemble if several)
     val_fraction: float = 0.1  # 0: no validation split, train on all of train
+    split_seed: int = -1  # seed of the train/val split and of `limit`; -1: `seed` (ensemble members share one split)
     limit: int = 0
     log_model: bool = True
     eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
@@ -53,6 +58,22 @@ class Config(DataOptions, TrainConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_size and not 16 <= self.image_size <= 512:
             raise ValueError(f"image_size must be 0 (native) or 16..512, got {self.image_size}")
+        self._validate_regularization()
+
+    def _validate_regularization(self) -> None:
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1) (0: off; e.g. 0.999), got {self.ema}")
+        if not 0 <= self.erase_prob <= 1:
+            raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
+        if not ERASE_MIN_AREA < self.erase_area <= 1:
+            raise ValueError(f"erase_area must be in ({ERASE_MIN_AREA}, 1], got {self.erase_area}")
+        for name in ("mixup", "cutmix", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.teacher and self.distill_alpha == 0:
+            raise ValueError("distill_alpha=0 ignores the teacher: give distill_alpha > 0 or no teacher")
+        if self.split_seed < -1:
+            raise ValueError(f"split_seed must be -1 (the run's seed) or >= 0, got {self.split_seed}")
 
     def _validate_data(self) -> None:
         dataset = data.get(self.dataset)
@@ -64,6 +85,13 @@ class Config(DataOptions, TrainConfig):
         for setting, used in needs_val.items():
             if used and self.val_fraction == 0:
                 raise ValueError(f"{setting} relies on validation accuracy: it needs val_fraction > 0")
+
+    def data_seed(self) -> int:
+        """The seed that draws the validation split and `limit`'s subset."""
+        return self.seed if self.split_seed < 0 else self.split_seed
+
+    def teachers(self) -> list[str]:
+        return [t.strip() for t in self.teacher.split(",") if t.strip()]
 
     def total_epochs(self) -> int:
         return self.epochs + (self.unfreeze_epochs if self.freeze != "none" else 0)
@@ -91,6 +119,9 @@ class Preset:
 
 
 RUN_PARAMS = ("seed", "limit", "precision", "data_dir")  # every experiment entry point ends with these
+# long schedules: weight averaging, regularization, and distillation from a teacher (run IDs or a models:/ URI)
+LONG_PARAMS = ("ema", "weight_decay", "erase_prob", "erase_area", "split_seed", "teacher", "distill_alpha",
+               "distill_temperature")
 FMNIST_PARAMS = ("classes", "permute", "permute_seed", "epochs", "batch_size", "lr", "dropout")
 
 PRESETS: dict[str, Preset] = {
@@ -117,7 +148,15 @@ PRESETS: dict[str, Preset] = {
         dict(dataset="fer2013", model="vgg_bn", dropout=0.4, width=64, lr=0.05, batch_size=128, optimizer="sgd",
              nesterov=True, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0,
              label_smoothing=0.1, augment="standard", tta="tencrop", epochs=60),
-        ("model", "width", "head", "epochs", "batch_size", "lr", "mixup", "cutmix", "tta")),
+        ("model", "width", "head", "epochs", "batch_size", "lr", "dropout", "mixup", "cutmix", "tta") + LONG_PARAMS),
+    "fer_resnet18_small": Preset(
+        "ResNet-18 from scratch on FER2013 at 48 px with the small-input stem (3x3 conv, no max-pool): SGD+Nesterov, "
+        "cosine, weight EMA, ten-crop TTA; 300 epochs (a GPU recipe)",
+        dict(dataset="fer2013", model="resnet18", in_chans=1, small_input=True, weights="none", dropout=0.0, lr=0.1,
+             batch_size=128, optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4, wd_norm_bias=False,
+             schedule="cosine", warmup_epochs=5.0, label_smoothing=0.1, augment="standard", tta="tencrop",
+             ema=0.999, epochs=300),
+        ("epochs", "batch_size", "lr", "mixup", "cutmix", "tta") + LONG_PARAMS),
 }
 
 

@@ -1,17 +1,20 @@
-"""run(config): one experiment as one MLflow run: the pipeline, with tracking around it."""
+"""run(config): one experiment as one MLflow run: the pipeline, with tracking around it; ensemble(runs): several
+runs' models as one tracked, registrable model."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
 import mlflow
 
-from . import models, pipeline, tracking
+from . import data, models, pipeline, tracking
 from .config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
 from .training import Checkpoint
 
@@ -46,7 +49,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
-        trained = pipeline.prepare(cfg)
+        trained = pipeline.prepare(cfg, load_bundle=tracking.load_bundle)
         datasets = _log_data(trained)
         _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
 
@@ -75,14 +78,15 @@ def _log_data(trained: pipeline.Trained) -> dict:
     cfg, splits, model = trained.cfg, trained.splits, trained.model
     mlflow.set_tags({"experiment": cfg.experiment, "model": cfg.model, "dataset": cfg.dataset,
                      "dataset_digest": splits["train"].digest, "config_digest": cfg.digest(), "seed": str(cfg.seed),
-                     **tracking.git_info()})
+                     **tracking.git_info(), **trained.tags})
     datasets = {context: tracking.log_split(split, context) for context, split in splits.items()}
     mlflow.log_dict({"sizes": {k: len(s) for k, s in splits.items()}, "classes": trained.classes,
                      **splits["train"].summary}, "data_summary.json")
     for file_name, record in pipeline.data_records(cfg).items():
         mlflow.log_dict(record, file_name)
-    mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std,
-                       "model_parameters": models.count_parameters(model)})
+    mlflow.log_param("model_parameters", models.count_parameters(model))
+    if not trained.members:  # an ensemble's members normalize each for itself
+        mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std})
     return datasets
 
 
@@ -135,10 +139,81 @@ def _evaluate_and_log(trained: pipeline.Trained, datasets: dict) -> dict[str, fl
     rest = {k: v for k, v in results.items() if k not in trained.history[-1]}
     if trained.cfg.log_model:
         example = trained.splits["test"].images[:2].numpy()
-        model_id = tracking.log_model(trained.model.cpu(), trained.spec, trained.classes, example, step=step)
+        model_id = tracking.log_bundle(trained.bundle(), example, step=step)
         for view in trained.probabilities:  # val, test, and their TTA views: on the split's dataset
             headline = {f"{view}_{m}": results[f"{view}_{m}"] for m in MODEL_METRICS if f"{view}_{m}" in results}
             mlflow.log_metrics(headline, step=step, model_id=model_id, dataset=datasets[view.removesuffix("_tta")])
             rest = {k: v for k, v in rest.items() if k not in headline}
     mlflow.log_metrics(rest, step=step)
     return results
+
+
+DATA_FIELDS = ("dataset", "val_fraction", "limit")  # with the split seed and the dataset's options: the same images
+
+
+def member_configs(bundles: list[dict]) -> tuple[list[Config], set[str]]:
+    """The training configs and dataset digests of every member's source run (their config.json and tags)."""
+    configs, digests = [], set()
+    for member in (m for b in bundles for m in models.members_of(b)):
+        source = member.get("source", "")
+        try:
+            run = mlflow.get_run(source)
+            logged = mlflow.artifacts.load_dict(f"runs:/{source}/config.json")
+        except mlflow.exceptions.MlflowException:
+            raise ValueError(f"ensemble member {source!r} is no tracked run with a config.json: give run IDs or "
+                             f"models:/ URIs of runs of this tracking store") from None
+        known = {f.name for f in fields(Config)}
+        configs.append(Config(**{k: v for k, v in logged.items() if k in known}))
+        digests.add(run.data.tags.get("dataset_digest", "?"))
+    return configs, digests
+
+
+def _split_of(cfg: Config) -> dict:
+    """What decides which images a run trained on and held out."""
+    return {**{k: getattr(cfg, k) for k in DATA_FIELDS}, "split seed": cfg.data_seed(),
+            **data.get(cfg.dataset).options_from(cfg)}
+
+
+def _same_split(configs: list[Config], sources: list[str]) -> None:
+    """Members evaluated together must have held out the same validation images (else val accuracy is not clean)."""
+    first = _split_of(configs[0])
+    for cfg, source in zip(configs[1:], sources[1:]):
+        split = _split_of(cfg)
+        differ = {k: (v, split.get(k)) for k, v in first.items() if split.get(k) != v}
+        if differ:
+            raise ValueError(f"ensemble members were trained on different splits: run {source} differs from run "
+                             f"{sources[0]} in {differ}; train members with one split_seed (e.g. -P seed=1 "
+                             f"-P split_seed=0)")
+
+
+def ensemble(refs: list[str], name: str = "", overrides: dict | None = None) -> dict:
+    """Several runs' models (run IDs or models:/ URIs) as one tracked run: their probabilities averaged, evaluated on
+    val and test like any run (overrides: tta, device, data_dir, ...), logged as one model: `cnnlab register NAME`."""
+    if not refs:
+        raise ValueError("an ensemble needs at least one run")
+    tracking.init_tracking()
+    bundles = [tracking.load_bundle(ref) for ref in refs]
+    configs, digests = member_configs(bundles)
+    sources = [m["source"] for b in bundles for m in models.members_of(b)]
+    _same_split(configs, sources)
+    cfg = dataclasses.replace(configs[0], **(overrides or {}))
+    name = name or f"{cfg.experiment}_ensemble"
+    tracking.init_tracking(name)
+    with tracking.tracked_run(f"{name} of {len(sources)}", tags={"experiment": name}) as active:
+        trained = pipeline.ensemble(bundles, cfg)
+        if digests != {trained.splits["train"].digest}:
+            raise ValueError(f"the data here (digest {trained.splits['train'].digest}) is not what the members were "
+                             f"trained on ({sorted(digests)}): set data_dir")
+        member_digests = ",".join(c.digest() for c in configs)
+        trained.tags.update({"experiment": name, "model": "ensemble", "ensemble_of": ",".join(refs),
+                             "config_digest": hashlib.sha256(member_digests.encode()).hexdigest()[:16]})
+        _log_data(trained)
+        mlflow.log_params({"members": len(sources), "tta": cfg.tta, "eval_batch_size": cfg.eval_batch_size,
+                           "precision": cfg.precision, "device": cfg.device})
+        mlflow.log_dict({s: asdict(c) for s, c in zip(sources, configs)}, "members.json")
+        with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
+            results = pipeline.evaluate(trained, Path(tmp))
+            mlflow.log_metrics(results)
+            mlflow.log_artifacts(tmp, "evaluation")
+        tracking.log_bundle(trained.bundle(), trained.splits["test"].images[:2].numpy())
+        return {"run_id": active.info.run_id, "name": name, "members": sources, **results}

@@ -1,6 +1,8 @@
 """Every network variant by name: create(name, **cfg)."""
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -171,15 +173,76 @@ def vgg_bn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.4, width:
                          nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
+class MemberAverage(nn.Module):
+    """An ensemble's net: float 0-1 pixels -> the log of the members' mean class probabilities (so that softmax, as
+    for any net's logits, gives that mean back); each member keeps its own preprocessing."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        probs = [member.probabilities(member(pixels)) for member in self.members]
+        return torch.stack(probs).mean(0).log()
+
+
 def bundle(classifier: nn.Module, spec: dict, classes: list[str]) -> dict:
     """Everything needed to rebuild a trained Classifier without training code: net spec, preprocessing, weights."""
     return {"spec": spec, "preprocess": classifier.preprocess.config(), "classes": list(classes),
             "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()}}
 
 
+def members_of(data: dict) -> list[dict]:
+    """A bundle's single-model bundles: itself, or an ensemble's members (nested ensembles flattened)."""
+    return [m for member in data["members"] for m in members_of(member)] if "members" in data else [data]
+
+
+def ensemble_bundle(bundles: list[dict]) -> dict:
+    """One bundle of several models (ensembles among them are flattened) whose probabilities are averaged. Members
+    must agree on classes and image channels; each keeps its own preprocessing. Only tensors, numbers and text:
+    loadable with torch.load(weights_only=True)."""
+    members = [m for b in bundles for m in members_of(b)]
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    classes = members[0]["classes"]
+    channels = {m["preprocess"].get("image_channels", 1) for m in members}
+    for m in members:
+        if m["classes"] != classes:
+            raise ValueError(f"ensemble members disagree on classes: {classes} vs {m['classes']} "
+                             f"(member {m.get('source', '?')})")
+    if len(channels) > 1:
+        raise ValueError(f"ensemble members take images of different channels: {sorted(channels)}")
+    (c,) = channels
+    from .preprocess import Preprocess
+
+    return {"spec": {"name": "ensemble", "members": len(members)}, "members": members, "classes": list(classes),
+            "preprocess": Preprocess(0.0, 1.0, 0, c, c).config()}
+
+
+def bundle_digest(data: dict) -> str:
+    """Content digest of a bundle's weights and preprocessing (each member's, in order, for an ensemble)."""
+    h = hashlib.sha256()
+    for m in members_of(data):
+        h.update(json.dumps([m["spec"], m["preprocess"], m["classes"]], sort_keys=True).encode())
+        for key in sorted(m["state_dict"]):
+            h.update(key.encode())
+            h.update(m["state_dict"][key].cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def read_bundle(path: str | Path, source: str = "") -> dict:
+    """A bundle file (torch.save of bundle() or ensemble_bundle()); weights_only: loading runs no code. A single
+    model's bundle gets `source` (default: the file) so that ensembles and teachers can name their members."""
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    return data if "members" in data else {**data, "source": source or str(path)}
+
+
 def from_bundle(data: dict) -> nn.Module:
     from .preprocess import Classifier, Preprocess
 
+    if "members" in data:
+        members = MemberAverage([from_bundle(m) for m in data["members"]])
+        return Classifier(Preprocess(**data["preprocess"]), members).eval()
     spec = dict(data["spec"])
     name = spec.pop("name")
     spec.pop("weights", None)  # the trained weights follow; never fetch pretrained ones again

@@ -1,5 +1,6 @@
 """One experiment without MLflow: config -> data and model -> the one loop -> metrics, artifacts and probabilities,
-plain and test-time augmented. experiments.run adds tracking around it; the benchmarks call it directly."""
+plain and test-time augmented; ensembles of trained models evaluated the same way. experiments.run adds tracking
+around it; the benchmarks call it directly."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,7 @@ from .config import Config
 from .data import Split
 from .evaluation import metrics_and_artifacts, plot_curves
 from .preprocess import Classifier, Preprocess, pixel_stats
-from .training import Checkpoint, fit, predict
+from .training import EMA, Checkpoint, fit, predict
 
 
 @dataclass
@@ -30,16 +31,27 @@ class Trained:
     history: list[dict] = field(default_factory=list)  # per epoch: train and val loss and accuracy, lr, images/s
     metrics: dict[str, float] = field(default_factory=dict)
     probabilities: dict[str, np.ndarray] = field(default_factory=dict)  # (N, classes) per view: val, test, test_tta...
+    raw_model: Classifier | None = None  # with EMA: the trained weights, while `model` holds their average
+    teacher: Classifier | None = None  # distillation's frozen teacher (one model or an ensemble)
+    members: list[dict] = field(default_factory=list)  # an ensemble's member bundles (then `model` averages them)
+    tags: dict[str, str] = field(default_factory=dict)  # where the model came from: final weights, teacher, members
 
     @property
     def classes(self) -> list[str]:
         return self.splits["train"].classes
 
+    def bundle(self) -> dict:
+        """The model as a bundle: what is logged, registered and served."""
+        if self.members:
+            return models.ensemble_bundle(self.members)
+        return models.bundle(self.model, self.spec, self.classes)
+
 
 def load_data(cfg: Config) -> dict[str, Split]:
     """The config's train / val / test splits; decoding is cached, so a second call is cheap."""
     options = data.get(cfg.dataset).options_from(cfg)
-    return data.load_splits(cfg.dataset, cfg.data_dir or None, cfg.val_fraction, cfg.seed, cfg.limit, **options)
+    return data.load_splits(cfg.dataset, cfg.data_dir or None, cfg.val_fraction, cfg.data_seed(), cfg.limit,
+                            **options)
 
 
 def data_records(cfg: Config) -> dict[str, object]:
@@ -79,46 +91,88 @@ def checkpoint(cfg: Config, splits: dict[str, Split], path: Path) -> Checkpoint:
     return Checkpoint(path, {"config_digest": cfg.digest(), "dataset_digest": splits["train"].digest})
 
 
-def prepare(cfg: Config) -> Trained:
+def load_teacher(refs: list[str], load_bundle: Callable[[str], dict],
+                 classes: list[str]) -> tuple[Classifier, dict[str, str]]:
+    """The teacher that `refs` name (one model, or the ensemble of all of them) and tags that identify it."""
+    data = models.ensemble_bundle([load_bundle(ref) for ref in refs])
+    if data["classes"] != list(classes):
+        raise ValueError(f"teacher {','.join(refs)} predicts classes {data['classes']}, the data has {classes}")
+    members = data["members"]
+    teacher = models.from_bundle(data if len(members) > 1 else members[0])
+    return teacher, {"teacher_members": str(len(members)), "teacher_digest": models.bundle_digest(data),
+                     "teacher_runs": ",".join(str(m.get("source", "?")) for m in members)}
+
+
+def prepare(cfg: Config, load_bundle: Callable[[str], dict] = models.read_bundle) -> Trained:
+    """Data, the network and (with cfg.teacher) the teacher, whose references `load_bundle` reads (default: files)."""
     cfg.validate()
     splits = load_data(cfg)
     model, spec = build(cfg, splits["train"])
-    return Trained(cfg, splits, model, spec)
+    trained = Trained(cfg, splits, model, spec, tags={"final_weights": f"ema {cfg.ema}" if cfg.ema else "trained"})
+    if cfg.teacher:
+        trained.teacher, tags = load_teacher(cfg.teachers(), load_bundle, trained.classes)
+        trained.tags.update(tags)
+    return trained
 
 
 def train(trained: Trained, on_epoch_end: Callable[[int, dict], None] | None = None,
           checkpoint_path: Path | None = None) -> list[dict]:
     """The loop over all epochs (with the unfreezing ones), the config's augmentation and freezing schedule."""
     cfg, splits = trained.cfg, trained.splits
+    ema = EMA(trained.model, cfg.ema) if cfg.ema else None
     trained.history = fit(trained.model, splits["train"], splits.get("val"),
                           dataclasses.replace(cfg, epochs=cfg.total_epochs()),
                           augment=batch_augment(cfg, len(trained.classes)), epoch_hook=freeze_schedule(cfg),
                           on_epoch_end=on_epoch_end,
-                          checkpoint=checkpoint(cfg, splits, checkpoint_path) if checkpoint_path else None)
+                          checkpoint=checkpoint(cfg, splits, checkpoint_path) if checkpoint_path else None,
+                          ema=ema, teacher=trained.teacher)
+    if ema is not None:  # the averaged weights are the result; the trained ones are evaluated beside them
+        trained.raw_model, trained.model = trained.model, ema.module
     return trained.history
 
 
 def evaluate(trained: Trained, out_dir: Path) -> dict[str, float]:
     """Metrics and artifact files (in out_dir) of val and test (test unless eval_test is off), each plain and with
-    the config's TTA views; the probabilities stay in `trained`. Also training throughput and time."""
+    the config's TTA views; the probabilities stay in `trained`. With EMA also the trained weights' accuracies
+    (*_accuracy_raw); after training, its throughput and time."""
     cfg = trained.cfg
     views = {"": None, "_tta": tta_views(cfg.tta)} if cfg.tta != "none" else {"": None}
     names = [n for n in ("val", "test") if n in trained.splits and (n == "val" or cfg.eval_test)]
+    ensemble = isinstance(trained.model.net, models.MemberAverage)
     for name in names:
         split = trained.splits[name]
         for suffix, transform in views.items():
             probs = predict(trained.model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
             trained.probabilities[name + suffix] = probs.numpy()
-            explain = name == "test" and transform is None  # Grad-CAM grid of the worst confusions: once per run
+            # Grad-CAM grid of the worst confusions: once per run, and not of an ensemble (no one feature map)
+            explain = name == "test" and transform is None and not ensemble
             trained.metrics.update(metrics_and_artifacts(trained.probabilities[name + suffix], split.labels.numpy(),
                                                          split.classes, out_dir, name + suffix,
                                                          images=split.images.numpy(),
                                                          model=trained.model if explain else None))
-    plot_curves(trained.history, out_dir / "curves.png")
-    history = trained.history
-    trained.metrics["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
-    trained.metrics["train_seconds"] = sum(h["epoch_seconds"] for h in history)
+            if trained.raw_model is not None:
+                raw = predict(trained.raw_model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision,
+                              transform)
+                trained.metrics[f"{name}{suffix}_accuracy_raw"] = (raw.argmax(1) == split.labels).float().mean().item()
+    if trained.history:
+        plot_curves(trained.history, out_dir / "curves.png")
+        history = trained.history
+        trained.metrics["train_images_per_s"] = sum(h["train_images_per_s"] for h in history) / len(history)
+        trained.metrics["train_seconds"] = sum(h["epoch_seconds"] for h in history)
     return trained.metrics
+
+
+def ensemble(member_bundles: list[dict], cfg: Config) -> Trained:
+    """Several trained models as one (their probabilities averaged), on the data `cfg` describes, ready to evaluate."""
+    cfg.validate()
+    splits = load_data(cfg)
+    data = models.ensemble_bundle(member_bundles)
+    if data["classes"] != splits["train"].classes:
+        raise ValueError(f"the ensemble predicts classes {data['classes']}, the data has {splits['train'].classes}")
+    members = data["members"]
+    return Trained(cfg, splits, models.from_bundle(data), data["spec"], members=members,
+                   tags={"members": ",".join(str(m.get("source", "?")) for m in members),
+                         "members_digest": models.bundle_digest(data)})
 
 
 def run(cfg: Config, out_dir: Path, on_epoch_end: Callable[[int, dict], None] | None = None,

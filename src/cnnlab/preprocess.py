@@ -9,7 +9,8 @@ from torch import nn
 class Preprocess(nn.Module):
     """uint8 0-255 or float 0-1 pixels, (N, H, W) or (N, C, H, W) -> (N, channels, size, size), normalized.
 
-    mean and std are one number for grayscale images, one per channel for color (image_channels > 1).
+    mean and std are one number for grayscale images, one per channel for color (image_channels > 1); size 0 keeps
+    the pixels' size (an ensemble's outer step: each member resizes and normalizes for itself).
     """
 
     def __init__(self, mean: float | list[float], std: float | list[float], size: int, channels: int = 1,
@@ -21,7 +22,7 @@ class Preprocess(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.unsqueeze(1) if pixels.dim() == 3 else pixels
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[-2:] != (self.size, self.size):
+        if self.size and x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         x = (x - _per_channel(self.mean, x)) / _per_channel(self.std, x)
         return x.expand(-1, self.channels, -1, -1) if self.channels > x.shape[1] else x
@@ -62,7 +63,7 @@ class Classifier(nn.Module):
         self.channels_last = False  # set by the training loop where the layout pays off
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.preprocess(pixels)
+        x = self.preprocess(pixels).to(next(self.net.parameters()).dtype)  # a net cast to bf16 (served) takes bf16
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)

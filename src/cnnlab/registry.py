@@ -26,10 +26,9 @@ def best_run(experiment: str | None = None, study: str | None = None):
     runs = mlflow.search_runs(search_all_experiments=True, filter_string=candidate_filter(experiment, study),
                               order_by=[f"metrics.{METRIC} DESC", "attributes.start_time ASC"], output_format="list")
     for run in runs:
-        logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
-                                             filter_string=f"source_run_id = '{run.info.run_id}'")
+        logged = tracking.logged_model(run)
         if logged:
-            return run, logged[0]
+            return run, logged
     what = " and ".join(f"{k} {v!r}" for k, v in (("experiment", experiment), ("study", study)) if v)
     raise ValueError(f"no FINISHED run with {METRIC} and a logged model for {what} in {mlflow.get_tracking_uri()}")
 

@@ -203,22 +203,62 @@ def _quiet_model_logging():
 
 
 def log_model(classifier, spec: dict, classes: list[str], example, step: int = 0) -> str:
-    """Log the classifier as the cnnlab pyfunc (owns its preprocessing), with a signature and an input example;
-    returns the logged model's id.
+    """Log the classifier as the cnnlab pyfunc; returns the logged model's id."""
+    from .models import bundle
 
-    `example` is uint8 (N, H, W) pixels, logged as the numpy input example; the model takes base64 images too.
-    """
+    return log_bundle(bundle(classifier, spec, classes), example, step)
+
+
+def log_bundle(data: dict, example, step: int = 0) -> str:
+    """Log a model bundle (one model or an ensemble) as the cnnlab pyfunc (owns its preprocessing), with a
+    signature and an input example: uint8 (N, H, W) pixels (the model takes base64 images too). Returns its id."""
     import torch
 
     with _quiet_model_logging(), tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
         from . import serving  # defining its PythonModel draws the type-hint advice
-        from .models import bundle
 
         path = Path(tmp) / "model.pt"
-        torch.save(bundle(classifier, spec, classes), path)
+        torch.save(data, path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
             code_paths=[serving.package_copy(Path(tmp) / "code")], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements(), step=step)
     return info.model_id
+
+
+def logged_model(run):
+    """The model logged by `run` (an MLflow Run), or None."""
+    found = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                        filter_string=f"source_run_id = '{run.info.run_id}'")
+    return found[0] if found else None
+
+
+def load_bundle(ref: str) -> dict:
+    """A model bundle by reference: a bundle file, a run ID (the model it logged) or a models:/ or runs:/ URI.
+    A single model's bundle gets `source`, the run (or file) it came from, so ensembles can name their members."""
+    from mlflow.models import get_model_info
+
+    from .models import read_bundle
+
+    if Path(ref).is_file():
+        return read_bundle(ref)
+    try:
+        uri = ref if ref.startswith(("models:/", "runs:/")) else _model_location(ref)
+        info = get_model_info(uri)  # its MLmodel file only
+        bundle = info.flavors.get("python_function", {}).get("artifacts", {}).get("bundle")
+        if bundle is None:
+            raise ValueError(f"{ref} is not a cnnlab model (no bundle artifact in its MLmodel)")
+        with tempfile.TemporaryDirectory(prefix="cnnlab-bundle-") as tmp:
+            path = mlflow.artifacts.download_artifacts(f"{uri}/{bundle['path']}", dst_path=tmp)
+            return read_bundle(path, source=info.run_id or ref)
+    except mlflow.exceptions.MlflowException as e:
+        raise ValueError(f"{ref!r} is neither a bundle file nor a model or run in {mlflow.get_tracking_uri()}: "
+                         f"{e.message[:300]}") from None
+
+
+def _model_location(run_id: str) -> str:
+    model = logged_model(mlflow.get_run(run_id))
+    if model is None:
+        raise ValueError(f"run {run_id} logged no model (log_model=false?)")
+    return model.artifact_location  # not models:/<id>: a path after that would read as a registered model's

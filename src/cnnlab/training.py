@@ -1,6 +1,8 @@
-"""The one training loop: seeded, resumable from per-epoch checkpoints, AMP on CUDA and bf16 on CPUs with AMX."""
+"""The one training loop: seeded, resumable from per-epoch checkpoints, AMP on CUDA and bf16 on CPUs with AMX; an
+exponential moving average of the weights and distillation from a teacher when asked."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import logs
+from .augment import view_probabilities
 from .data import Split
 from .devices import PRECISIONS, autocast, prefers_channels_last, resolve_device, resolve_precision
 
@@ -34,6 +37,9 @@ class TrainConfig:
     schedule: str = "none"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    wd_norm_bias: bool = True  # false: no weight decay on biases and normalization weights (1-d parameters)
+    distill_alpha: float = 0.5  # with a teacher: weight of the KL term against the teacher's softened predictions
+    distill_temperature: float = 4.0
     precision: str = "auto"
     channels_last: bool = True  # on CUDA, and on CPUs in bf16 (oneDNN's fast layout); never for fp32 on CPU
     device: str = "auto"
@@ -50,9 +56,23 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ValueError(f"distill_temperature must be a positive number, got {self.distill_temperature}")
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """All parameters in one group, or (wd_norm_bias false) biases and norm weights apart with no weight decay."""
+    params = list(model.parameters())
+    if cfg.wd_norm_bias:
+        return [{"params": params}]
+    return [{"params": [p for p in params if p.dim() > 1]},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`params`: parameters or parameter groups (a group's own weight_decay wins over cfg's)."""
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -88,9 +108,8 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024
     out = []
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size].to(device, non_blocking=True)
-        views = transform(x) if transform else [x]
         with autocast(device, precision):
-            probs = sum(model.probabilities(model(v)) for v in views) / len(views)
+            probs = view_probabilities(model, transform(x) if transform else [x])
         out.append(probs.float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
 
@@ -133,19 +152,18 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def _resume(checkpoint: Checkpoint, device: torch.device, *stateful) -> tuple[list[dict], int]:
-    """Load model, optimizer, scheduler and scaler from the checkpoint; (history, first epoch) to continue from."""
+def _resume(checkpoint: Checkpoint, device: torch.device, stateful: dict) -> tuple[list[dict], int]:
+    """Load model, optimizer, scheduler, scaler (and EMA) from the checkpoint; (history, first epoch) to continue from."""
     state = checkpoint.load(device)
     if state is None:
         return [], 0
-    fresh = [obj.state_dict() for obj in stateful]  # to undo a load that fails half-way
-    fresh[0] = {k: v.clone() for k, v in fresh[0].items()}  # the model's state_dict aliases its weights
+    fresh = {name: copy.deepcopy(obj.state_dict()) for name, obj in stateful.items()}  # to undo a half-failed load
     try:
-        for obj, key in zip(stateful, ("model", "optimizer", "scheduler", "scaler")):
-            obj.load_state_dict(state[key])
+        for name, obj in stateful.items():
+            obj.load_state_dict(state[name])
     except (KeyError, RuntimeError, ValueError) as e:
-        for obj, initial in zip(stateful, fresh):
-            obj.load_state_dict(initial)
+        for name, obj in stateful.items():
+            obj.load_state_dict(fresh[name])
         checkpoint.discard(f"its state does not fit this model ({type(e).__name__}: {str(e)[:300]})")
         return [], 0
     return state["history"], state["epoch"] + 1
@@ -161,14 +179,91 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, elapsed: float, done: int
             f" | {logs.duration(elapsed)} elapsed, ETA {logs.duration(eta)}")
 
 
+class EMA:
+    """Exponential moving average of a model's weights and floating buffers (BatchNorm statistics), in fp32 on the
+    model's device. After n updates the decay is min(decay, (1 + n) / (10 + n)): the first weights fade fast."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple[list, list, list, list] | None = None
+
+    def _match(self, model: torch.nn.Module) -> tuple[list, list, list, list]:
+        """(averaged, trained) floating tensors and (averaged, trained) integer buffers, in the same order."""
+        ours = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        if [t.shape for t in ours] != [t.shape for t in theirs]:
+            raise ValueError("EMA: the model's parameters and buffers no longer match the averaged copy")
+        floating = [(a, b) for a, b in zip(ours, theirs) if a.is_floating_point()]
+        integer = [(a, b) for a, b in zip(ours, theirs) if not a.is_floating_point()]
+        return ([a for a, _ in floating], [b for _, b in floating], [a for a, _ in integer], [b for _, b in integer])
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        """One step toward the model's current weights: a few fused kernels, no host-device sync. The model must not be
+        moved to another device after the first update (its buffers would be new tensors)."""
+        if self._pairs is None:
+            self._pairs = self._match(model)
+        averaged, trained, averaged_int, trained_int = self._pairs
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(averaged, trained, 1.0 - decay)
+        if averaged_int:
+            torch._foreach_copy_(averaged_int, trained_int)  # BatchNorm's num_batches_tracked
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def _place(module: torch.nn.Module, device: torch.device, channels_last: bool) -> None:
+    """On the device, in channels_last where it pays (a Classifier, or the ones in an ensemble, lays out its input)."""
+    module.to(device)
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+        for m in module.modules():
+            if hasattr(m, "channels_last"):
+                m.channels_last = True
+
+
+def loss_fn(out: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, teacher_out: torch.Tensor | None = None):
+    """Cross-entropy (label-smoothed); with a teacher's outputs, alpha * T^2 * KL(teacher_T || student_T) +
+    (1 - alpha) * cross-entropy (Hinton et al. 2015)."""
+    ce = F.cross_entropy(out, target, label_smoothing=cfg.label_smoothing)
+    if teacher_out is None:
+        return ce
+    t = cfg.distill_temperature
+    kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(teacher_out / t, 1), reduction="batchmean",
+                  log_target=True)
+    return cfg.distill_alpha * t * t * kl + (1 - cfg.distill_alpha) * ce
+
+
+def _validate(model, ema: EMA | None, val: Split, cfg: TrainConfig, device, precision) -> dict[str, float]:
+    """val_loss and val_accuracy of the weights the run produces (the averaged ones with EMA, then *_raw: trained)."""
+    loss, acc = evaluate_loss_acc(model, val, cfg, device, precision)
+    if ema is None:
+        return {"val_loss": loss, "val_accuracy": acc}
+    ema_loss, ema_acc = evaluate_loss_acc(ema.module, val, cfg, device, precision)
+    return {"val_loss": ema_loss, "val_accuracy": ema_acc, "val_loss_raw": loss, "val_accuracy_raw": acc}
+
+
 def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
         augment: Callable | None = None, epoch_hook: Callable | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Checkpoint | None = None) -> list[dict]:
+        on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Checkpoint | None = None,
+        ema: EMA | None = None, teacher: torch.nn.Module | None = None) -> list[dict]:
     """Train `model` on uint8 `train` images; returns per-epoch metrics. Resumes from `checkpoint` if it can.
 
     Without `val` there is no per-epoch validation (and no val_* metrics).
     augment(x_uint8, y, generator) -> (x, target) runs on whole batches on the device; target may be soft labels.
     epoch_hook(epoch, model) runs after model.train() each epoch (freezing schedules).
+    ema: updated after every step and checkpointed; val_* are then its weights' metrics, val_*_raw the model's.
+    teacher: a frozen model (eval mode, no grad, autocast) run on the same augmented batch; its outputs are soft
+    targets (distill_alpha, distill_temperature).
     """
     cfg.validate()
     if val is None and cfg.schedule == "plateau":
@@ -176,18 +271,24 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if cfg.channels_last and prefers_channels_last(device, precision):
-        model.to(memory_format=torch.channels_last)
-        model.channels_last = True
+    channels_last = cfg.channels_last and prefers_channels_last(device, precision)
+    for module in (model, ema and ema.module, teacher):
+        if module is not None:
+            _place(module, device, channels_last)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
     images, labels = train.images.to(device), train.labels.to(device)
     steps_per_epoch = max(1, len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1))
-    optimizer = make_optimizer(model.parameters(), cfg)
+    optimizer = make_optimizer(param_groups(model, cfg), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-    history, start = _resume(checkpoint, device, model, optimizer, scheduler, scaler) if checkpoint else ([], 0)
+    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    if ema is not None:
+        stateful["ema"] = ema
+    history, start = _resume(checkpoint, device, stateful) if checkpoint else ([], 0)
     check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
     t_start = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -206,9 +307,13 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
                 continue
             x, y = images[idx], labels[idx]
             x, target = augment(x, y, gen) if augment else (x, y)
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad(), autocast(device, precision):
+                    teacher_out = teacher(x).float()
             with autocast(device, precision):
                 out = model(x)
-            loss = F.cross_entropy(out.float(), target, label_smoothing=cfg.label_smoothing)
+            loss = loss_fn(out.float(), target, cfg, teacher_out)
             step = i // cfg.batch_size
             if (step % check_every == 0 or i + cfg.batch_size >= len(train)) and not torch.isfinite(loss_sum + loss):
                 raise FloatingPointError(f"loss became {(loss_sum + loss).item()} by epoch {epoch + 1}, step {step}; "
@@ -217,7 +322,9 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if ema is not None:
+                ema.update(model)
+            if not plateau:
                 scheduler.step()
             loss_sum += loss.detach() * len(idx)
             correct += (out.argmax(1) == y).sum()
@@ -225,16 +332,15 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
         train_time = time.perf_counter() - t0
         metrics = {"train_loss": (loss_sum / max(seen, 1)).item(), "train_accuracy": (correct / max(seen, 1)).item()}
         if val is not None:
-            metrics["val_loss"], metrics["val_accuracy"] = evaluate_loss_acc(model, val, cfg, device, precision)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(metrics["val_accuracy"])
+            metrics.update(_validate(model, ema, val, cfg, device, precision))
+        if plateau:  # on the trained weights' accuracy: the averaged ones lag behind the schedule
+            scheduler.step(metrics.get("val_accuracy_raw", metrics["val_accuracy"]))
         metrics.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_time,
                         "train_images_per_s": seen / max(train_time, 1e-9)})
         history.append(metrics)
         log.info(epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t_start, epoch + 1 - start))
         if checkpoint is not None:
-            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            checkpoint.save({**{name: obj.state_dict() for name, obj in stateful.items()},
                              "epoch": epoch, "history": history, "config": asdict(cfg)})
         if on_epoch_end:
             on_epoch_end(epoch, metrics)

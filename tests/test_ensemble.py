@@ -1,0 +1,137 @@
+"""Several runs as one model (an ensemble: tracked, registered, served), one network distilled from a teacher, and
+test-time augmentation as a model-level function that serving can call."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from cnnlab import config, experiments, models, pipeline, registry, tracking
+from cnnlab.augment import tta_probabilities
+from cnnlab.serving import CnnlabModel
+from cnnlab.training import predict
+from conftest import REPO
+
+
+def tiny_fer(fer_subset, **overrides) -> config.Config:
+    """fer_best shrunk to seconds: width 8, one epoch on a few hundred real FER2013 images, fp32."""
+    settings = dict(data_dir=str(fer_subset), width=8, epochs=1, batch_size=64, tta="flip", precision="fp32")
+    return config.make_config("fer_best", **{**settings, **overrides})
+
+
+def served_probs(model: CnnlabModel, images: np.ndarray) -> np.ndarray:
+    frame = model.predict(None, images)
+    return np.asarray(frame[[f"prob_{c}" for c in model.classes]], dtype=np.float64)
+
+
+def test_runs_as_one_tracked_registered_model_that_averages_their_probabilities(fer_subset, monkeypatch, tmp_path):
+    monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "fp32")
+    members = [experiments.run(tiny_fer(fer_subset, seed=seed, split_seed=0))["run_id"] for seed in (0, 1)]
+    result = experiments.ensemble(members, overrides={"tta": "tencrop"})
+    assert result["name"] == "fer_best_ensemble" and result["members"] == members
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["model"] == "ensemble"
+    assert run.data.tags["members"] == ",".join(members) and run.data.params["members"] == "2"
+
+    test = pipeline.load_data(tiny_fer(fer_subset, split_seed=0))["test"]
+    bundles = [tracking.load_bundle(m) for m in members]
+    mean = sum(predict(models.from_bundle(b), test.images, precision="fp32") for b in bundles).numpy() / 2
+    ensemble_bundle = tracking.load_bundle(result["run_id"])
+    ensemble = models.from_bundle(ensemble_bundle)
+    assert np.allclose(predict(ensemble, test.images, precision="fp32").numpy(), mean, atol=1e-6)
+    labels = test.labels.numpy()
+    assert run.data.metrics["test_accuracy"] == pytest.approx((mean.argmax(1) == labels).mean())
+    assert {"val_accuracy", "test_tta_accuracy", "test_tta_ece"} <= set(run.data.metrics)  # the evaluation of any run
+
+    assert registry.register("fer_best_ensemble")["alias"] == "champion"  # like any run
+    served = mlflow.pyfunc.load_model("models:/fer_best_ensemble@champion").unwrap_python_model()
+    served_members = [mlflow.pyfunc.load_model(f"runs:/{m}/model").unwrap_python_model() for m in members]
+    pixels = test.images.numpy()
+    expected = sum(served_probs(m, pixels) for m in served_members) / 2
+    assert np.allclose(served_probs(served, pixels), expected, atol=1e-5)
+    assert np.allclose(expected, mean, atol=1e-5)
+
+    monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "bf16")  # weights cast once, as served on AMX CPUs
+    torch.save(ensemble_bundle, tmp_path / "ensemble.pt")
+    assert np.allclose(served_probs(CnnlabModel.from_bundle_file(tmp_path / "ensemble.pt"), pixels), mean, atol=0.03)
+
+    other_split = experiments.run(tiny_fer(fer_subset, seed=2, log_model=True))["run_id"]  # split_seed -1: seed 2
+    with pytest.raises(ValueError, match=r"trained on different splits: run .* in \{'split seed': \(0, 2\)\}"):
+        experiments.ensemble([members[0], other_split])
+
+
+def agreement(model, other, images) -> float:
+    a, b = (predict(m, images, precision="fp32").argmax(1) for m in (model, other))
+    return (a == b).float().mean().item()
+
+
+def test_a_student_distilled_from_a_teacher_learns_its_predictions_and_records_it(fmnist_dir):
+    small = dict(data_dir=str(fmnist_dir), limit=400, batch_size=32, precision="fp32")
+    teacher_run = experiments.run(config.make_config("fmnist_cnn", epochs=2, **small))["run_id"]
+    cfg = config.make_config("fmnist_cnn", epochs=3, seed=1, teacher=teacher_run, distill_alpha=1.0,
+                             distill_temperature=2.0, **small)
+    result = experiments.run(cfg)
+    run = mlflow.get_run(result["run_id"])
+    teacher_bundle = tracking.load_bundle(teacher_run)
+    assert run.data.tags["teacher_runs"] == teacher_run and run.data.tags["teacher_members"] == "1"
+    assert run.data.tags["teacher_digest"] == models.bundle_digest(teacher_bundle)
+    losses = [m.value for m in sorted(mlflow.MlflowClient().get_metric_history(result["run_id"], "train_loss"),
+                                      key=lambda m: m.step)]
+    assert losses[-1] < 0.7 * losses[0]  # alpha=1: the loss is the KL to the teacher alone, and it falls
+
+    teacher, student = models.from_bundle(teacher_bundle), models.from_bundle(tracking.load_bundle(result["run_id"]))
+    untrained = pipeline.prepare(dataclasses.replace(cfg, teacher="")).model  # the student's initial weights
+    test = pipeline.load_data(cfg)["test"].images
+    assert agreement(student, teacher, test) > agreement(untrained, teacher, test) + 0.2
+    assert models.count_parameters(student) == models.count_parameters(teacher)  # one network: single-model cost
+
+
+def test_an_ensemble_teacher_is_named_by_its_members(fer_subset, tmp_path):
+    members = []
+    for seed in (0, 1):
+        trained = pipeline.run(tiny_fer(fer_subset, seed=seed, split_seed=0), tmp_path / str(seed))
+        torch.save(trained.bundle(), tmp_path / f"m{seed}.pt")
+        members.append(str(tmp_path / f"m{seed}.pt"))
+    student = pipeline.prepare(tiny_fer(fer_subset, teacher=",".join(members)))
+    assert isinstance(student.teacher.net, models.MemberAverage) and len(student.teacher.net.members) == 2
+    assert student.tags["teacher_runs"] == ",".join(members) and student.tags["teacher_members"] == "2"
+    history = pipeline.train(student)
+    assert np.isfinite(history[-1]["train_loss"]) and not student.teacher.training
+    with pytest.raises(ValueError, match="teacher .* predicts classes"):
+        pipeline.load_teacher(members, models.read_bundle, ["a", "b"])
+
+
+@pytest.mark.parametrize("tta", ["flip", "tencrop"])
+def test_the_serving_tta_function_equals_the_pipelines_tta_evaluation(fer_subset, tmp_path, tta):
+    trained = pipeline.run(tiny_fer(fer_subset, tta=tta, epochs=3), tmp_path)
+    images = trained.splits["test"].images
+    with torch.no_grad():
+        served = tta_probabilities(trained.model.eval().cpu(), images, tta).numpy()
+        plain = tta_probabilities(trained.model, images).numpy()
+    assert np.allclose(served, trained.probabilities["test_tta"], atol=1e-5)
+    assert np.allclose(plain, trained.probabilities["test"], atol=1e-5)
+    assert np.abs(served - plain).max() > 1e-3  # the views change the answer: the comparison means something
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta_probabilities(trained.model, images, "fivecrop")
+
+
+def test_the_gpu_job_file_runs_its_ensemble_and_student_rounds(fer_subset, tmp_path):
+    """benchmarks/gpu_fer_best_long.yaml as the GPU call runs it, shrunk (--quick, width 8): every job trains or
+    evaluates, the ensemble from its members' bundles, the student from the ensemble's."""
+    jobs = "ema_s0,ema_s1,ema_s2,ensemble3,distilled"
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), str(REPO / "benchmarks" /
+                          "gpu_fer_best_long.yaml"), "--out", str(tmp_path), "--quick", "--only", jobs,
+                          "-P", f"data_dir={fer_subset}", "-P", "width=8"], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "error" not in out.stdout, out.stdout
+    records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in jobs.split(",")}
+    assert all((tmp_path / f"{name}.pt").exists() for name in records)
+    assert records["ensemble3"]["tags"]["members"] == "ema_s0,ema_s1,ema_s2" and "test_tta_accuracy" in records["ensemble3"]
+    assert records["distilled"]["tags"]["teacher_members"] == "3" and records["distilled"]["history"]
+    assert "val_accuracy_raw" in records["ema_s0"] and "test_tta_accuracy_raw" in records["ema_s0"]
