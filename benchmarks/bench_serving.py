@@ -209,7 +209,7 @@ def serve_rows(name: str, uri: str, tracking_uri: str, root: Path, workers: int,
 
 
 def print_table(rows: list[tuple]) -> None:
-    print(f"| server | workers x threads | model | measure | p50 ms | p99 ms | per s | target / result |")
+    print("| server | workers x threads | model | measure | p50 ms | p99 ms | per s | target / result |")
     print("|---|---|---|---|---|---|---|---|")
     for server, config, model, what, ms, rate, target in rows:
         p50, p99 = (f"{np.percentile(ms, 50):.2f}", f"{np.percentile(ms, 99):.2f}") if ms is not None else ("", "")

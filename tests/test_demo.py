@@ -218,7 +218,7 @@ def test_bad_uploads_show_a_clear_message(page, fer_champion, demo, tmp_path):
     cases = {  # file -> what the page must say
         "notes.txt": (b"a shopping list, not a photo\n", "notes.txt: not a PNG, JPEG or BMP image (29 bytes)"),
         "wide.png": (cv2.imencode(".png", np.zeros((8, 4097), np.uint8))[1].tobytes(),
-                     "wide.png: image is 4097x8 pixels; the limit is 4096x4096"),
+                     "wide.png: image is 4097x8 pixels; the limit is 4096x4096 (CNNLAB_SERVING_MAX_SIDE)"),
         "huge.jpg": (os.urandom(MAX_BODY_MB * 2**20), "huge.jpg is 1.0 MB; this demo accepts images up to 0.7 MB."),
         "empty.jpg": (b"", "empty.jpg is empty."),
     }

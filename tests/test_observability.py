@@ -11,7 +11,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 
 from cnnlab import cli, config, tracking
 from cnnlab.data import fer2013

@@ -75,10 +75,10 @@ def predictions(uri: str, model_id: str, images: np.ndarray) -> np.ndarray:
     here = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
-        frame = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(images)
+        records = mlflow.pyfunc.load_model(f"models:/{model_id}").predict(images)
     finally:
         mlflow.set_tracking_uri(here)
-    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+    return np.array([[v for k, v in r.items() if k.startswith("prob_")] for r in records])
 
 
 def test_import_brings_every_run_whole_and_only_once(source, tmp_path, fmnist_dir, capsys):

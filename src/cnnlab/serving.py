@@ -233,8 +233,9 @@ class Encoded:
         for i, data in enumerate(self.blobs):
             size = image_size(data)
             if size is None:
-                raise InputError(f"row {i}: not a PNG, JPEG or BMP image, or its header is cut short "
-                                 f"({len(data):,} bytes)")
+                known = data[:8] == b"\x89PNG\r\n\x1a\n" or data[:3] == b"\xff\xd8\xff" or data[:2] == b"BM"
+                what = "its header is cut short or invalid" if known else "not a PNG, JPEG or BMP image"
+                raise InputError(f"row {i}: {what} ({len(data):,} bytes)")
             budget.check_side(*size, f"row {i}")
             self.sizes.append(size)
         self.pixels = [w * h for w, h in self.sizes]

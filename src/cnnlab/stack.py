@@ -931,7 +931,7 @@ class Stack:
             resp = verify_rest_response(http_request(get_default_host_creds(url), LIST_USERS, "GET"), LIST_USERS)
         users = resp.json()["users"]
         return [{"user": u["username"], "access": "admin" if u["is_admin"] else
-                 ",".join(r["name"] for r in u["roles"]) or "none"} for u in users]
+                 ",".join(r["name"] for r in u["roles"] if not r["name"].startswith("__")) or "none"} for u in users]
 
     def remove_user(self, name: str) -> None:
         if name == ADMIN:
