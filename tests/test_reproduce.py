@@ -94,8 +94,8 @@ def test_quick_reproduction_reports_every_row_from_mlflow_and_reuses_runs(data_e
     best = max(grid.rows, key=lambda r: client.get_run(first["results"][r.name]["run_id"]).data.metrics["val_accuracy"])
     line = next(cells for label, cells in table.items() if label.startswith("fer_grid: best of 9"))
     assert reproduce._combo(grid, best) in line[0]
-    measured = COLUMN["Measured (test) [95% CI]"]
-    assert line[claimed] == "57.30%" and line[measured] == table[reproduce._combo(grid, best)][measured]
+    figure = COLUMN["Measured (test) [95% CI]"]
+    assert line[claimed] == "57.30%" and line[figure] == table[reproduce._combo(grid, best)][figure]
     assert table["dropout=0.3, lr=0.001"][claimed] == "57.30%"
     assert table["dropout=0.5, lr=0.01"][claimed].startswith("collapsed (24.71% / 42.03%")
     assert "PublicTest half" in md and (reproduce.NO_WEIGHTS in md) == weights_missing
@@ -120,7 +120,7 @@ def test_quick_reproduction_reports_every_row_from_mlflow_and_reuses_runs(data_e
     table2 = _table(md2)
     for entry in entries:
         for row in entry.rows:
-            assert table2[_label(entry, row)][measured] == table[_label(entry, row)][measured]
+            assert table2[_label(entry, row)][figure] == table[_label(entry, row)][figure]
     assert md2.count("(reused)") >= len(measured)
 
 

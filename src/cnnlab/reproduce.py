@@ -224,14 +224,14 @@ def summarize(run_id: str) -> dict:
     sizes = mlflow.artifacts.load_dict(f"runs:/{run_id}/data_summary.json")["sizes"]
     return {"run_id": run_id, "experiment_id": run.info.experiment_id,
             "test_accuracy": run.data.metrics["test_accuracy"], "val_accuracy": run.data.metrics.get("val_accuracy"),
-            **test_interval(run),
+            **accuracy_interval(run),
             "epochs": len(client.get_metric_history(run_id, "train_loss")),
             "wall_s": (run.info.end_time - run.info.start_time) / 1000,
             "test_split": run.data.params.get("test_split", ""), "test_images": sizes["test"],
             "dataset": run.data.tags.get("dataset", "")}
 
 
-def test_interval(run) -> dict:
+def accuracy_interval(run) -> dict:
     """The run's 95% bootstrap interval of test accuracy: logged, else recomputed (same resamples and seed) from its
     per-image predictions; neither for runs logged before both existed."""
     metrics = run.data.metrics
