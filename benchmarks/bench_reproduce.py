@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab import cli, pipeline  # noqa: E402
+from cnnlab import cli, data, pipeline  # noqa: E402
 from cnnlab.reproduce import imagenet_error, load_claims, report_path, row_config  # noqa: E402
 from cnnlab.training import fit  # noqa: E402
 
@@ -91,7 +91,8 @@ def plan(args) -> int:
         where = "CPU" if entry.name in cpu else "GPU"
         if cfg.weights == "imagenet" and imagenet_error():
             where += " (ImageNet weights not available here)"
-        lines.append((row.name, entry.protocol, cfg.model, cfg.image_size or 48, cfg.batch_size, f"{n:,}",
+        px = cfg.image_size or data.get(cfg.dataset).size
+        lines.append((row.name, entry.protocol, cfg.model, px, cfg.batch_size, f"{n:,}",
                       cfg.total_epochs(), f"{per_core:.0f}", _hours(epoch), _hours(whole), where))
     print(table(lines, PLAN_HEADER))
     print(f"\nall rows one after another here: {_hours(sum(entries.values()))}; the CPU takes the cheapest entries "
