@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from cnnlab import cli, tuning
+from cnnlab import cli, config, tuning
 
 SMALL = {"epochs": 1, "limit": 200}  # 200 train / 50 val / 50 test images of 3 Fashion-MNIST classes
 
@@ -112,6 +112,7 @@ def test_pruned_and_failed_trials_are_recorded_as_such(fmnist_dir, tmp_path):
     assert list(trials[2].intermediate_values) == [1]  # stopped after its first of two epochs
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (2, 1, 1)
     assert summary["epochs_spent"] == 2 + 2 + 1 + 0
+    assert summary["images_spent"] == 200 * (2 + 2 + 1 + 0)  # a failed epoch reports nothing, so costs nothing here
 
     runs = study_runs("bad")
     assert [r.info.status for r in runs["trials"]] == ["FINISHED", "FINISHED", "KILLED", "FAILED"]
@@ -123,17 +124,37 @@ def test_pruned_and_failed_trials_are_recorded_as_such(fmnist_dir, tmp_path):
     assert runs["parent"][0].info.status == "FINISHED" and not runs["final"]
 
 
-def test_epoch_budget_stops_the_study(fmnist_dir, tmp_path):
-    path = write_space(tmp_path, "budget", n_trials=10, budget_epochs=3, fixed={**SMALL, "epochs": 2},
-                       space={"dropout": {"type": "float", "low": 0.1, "high": 0.6}},
-                       sampler={"type": "random", "seed": 0})
+def test_image_budget_counts_each_epoch_at_its_training_size_and_stops_the_study(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "budget", n_trials=10, budget_images=700, fixed={"epochs": 2},
+                       space={"limit": {"type": "categorical", "choices": [100, 400]}},
+                       enqueue=[{"limit": 100}, {"limit": 400}], sampler={"type": "random", "seed": 0})
     summary = tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)
 
     trials = optuna.load_study(study_name="budget", storage="sqlite:///optuna.db").get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED]  # then no trial starts
-    assert summary["epochs_spent"] == 3
-    assert "budget is spent" in study_runs("budget")["trials"][1].data.tags["pruned_reason"]
+    # 2 x 100 images fit; the second trial's 2 x 400 would not: cut after its first epoch (it could never complete),
+    # and no third trial starts, as no complete trial fits in what is left
+    assert [(t.params, t.state) for t in trials] == [({"limit": 100}, TrialState.COMPLETE),
+                                                     ({"limit": 400}, TrialState.PRUNED)]
+    runs = study_runs("budget")["trials"]
+    sizes = [mlflow.artifacts.load_dict(f"runs:/{r.info.run_id}/data_summary.json")["sizes"]["train"] for r in runs]
+    assert sizes == [100, 400] and [t.user_attrs["epoch_images"] for t in trials] == sizes
+    assert summary["images_spent"] == 2 * 100 + 1 * 400 <= 700 and summary["epochs_spent"] == 3
+    assert "would pass the study's budget of 700 training images" in runs[1].data.tags["pruned_reason"]
     assert tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)["n_trials"] == 2  # spent
+
+
+def test_enqueued_points_run_first_and_successive_halving_prunes_from_one_epoch(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "ladder", n_trials=3, fixed={**SMALL, "epochs": 3},
+                       space={"lr": {"type": "float", "low": 1e-7, "high": 1e-2, "log": True}},
+                       enqueue=[{"lr": "3e-3"}, {"lr": "1e-7"}], sampler={"type": "tpe", "seed": 0},
+                       pruner={"type": "successive_halving", "min_resource": 1, "reduction_factor": 3})
+    summary = tuning.tune(tuning.load_spec(path, {"data_dir": str(fmnist_dir)}), final=False)
+
+    trials = optuna.load_study(study_name="ladder", storage="sqlite:///optuna.db").get_trials()
+    assert [t.params["lr"] for t in trials[:2]] == [3e-3, 1e-7] and all(t.user_attrs["enqueued"] for t in trials[:2])
+    assert trials[0].state == TrialState.COMPLETE and len(trials[0].intermediate_values) == 3
+    assert trials[1].state == TrialState.PRUNED and list(trials[1].intermediate_values) == [1]  # first rung: 1 epoch
+    assert summary["images_spent"] == 200 * sum(len(t.intermediate_values) for t in trials)
 
 
 def wait_for(check, timeout: float, what: str):
@@ -266,9 +287,22 @@ def test_cli_tune_and_its_errors(fmnist_dir, tmp_path, capsys):
     ({"sampler": {"type": "grid"}}, "grid sampler needs categorical parameters; ['lr']"),
     ({"pruner": {"type": "median", "patience": 3}}, "pruner:"),
     ({"n_trails": 3}, "unknown key(s) ['n_trails']"),
+    ({"budget_epochs": 30}, "unknown key(s) ['budget_epochs']"),
+    ({"fixed": {"lr": 0.1, "epochs": 3}}, "['lr'] both fixed and searched"),
+    ({"budget_images": 1.5}, "budget_images must be an integer >= 0, got 1.5"),
+    ({"pruner": {"type": "successive_halving"}}, "successive_halving needs min_resource, the epochs of its first rung, "
+                                                  "an integer 1..2 (trials run 3 epochs), got None"),
+    ({"pruner": {"type": "hyperband", "min_resource": 3}}, "an integer 1..2 (trials run 3 epochs), got 3"),
+    ({"pruner": {"type": "successive_halving", "min_resource": 1, "reduction_factor": 1}}, "reduction_factor >= 2"),
+    ({"sampler": {"type": "tpe", "group": True}}, "sampler: ``group`` option can only be enabled when"),
+    ({"enqueue": {"lr": 1e-3}}, "enqueue must be a list"),
+    ({"enqueue": [{"dropout": 0.5}]}, "enqueue[0]: ['dropout'] not searched in `space` (['lr'])"),
+    ({"enqueue": [{"lr": "1e-1"}]}, "enqueue[0].lr: 0.1 is outside the space (0.0001..0.01)"),
+    ({"enqueue": [{"lr": "fast"}]}, "enqueue[0].lr: parameter lr='fast' is not a valid float"),
 ])
 def test_bad_search_spaces_name_file_and_field(tmp_path, change, message):
-    spec = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}, **change}
+    spec = {"space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "fixed": {**SMALL, "epochs": 3}, **change}
     path = write_space(tmp_path, "broken", **spec)
     with pytest.raises(ValueError) as err:
         tuning.load_spec(path)
@@ -282,6 +316,10 @@ def test_shipped_search_spaces_load():
     grid = specs["fer_cnn_grid"]
     assert grid["n_trials"] == 9 and grid["fixed"] == {"batch_size": 32, "optimizer": "adam", "epochs": 10}
     assert grid["space"]["lr"]["choices"] == [1e-2, 1e-3, 1e-4]
-    assert specs["fer_cnn"]["budget_epochs"] <= 30 and specs["fer_cnn"]["sampler"]["seed"] == 0
+    search = specs["fer_cnn"]
+    assert search["budget_images"] == 30 * 25_838 and search["sampler"]["seed"] == 0  # a third of 9 x 10 epochs
+    preset = config.make_config("fer_cnn")
+    assert {k: getattr(preset, k) for k in ("lr", "batch_size", "optimizer", "dropout")}.items() \
+        <= search["enqueue"][0].items()  # the report's published setting is tried first
     assert set(specs["fer_resnet18_freeze"]["space"]["freeze"]["choices"]) == {
         "none", "conv1", "layer1", "layer2", "layer3", "layer4"}

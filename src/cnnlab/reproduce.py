@@ -1,7 +1,8 @@
 """Reproduce the reports: every experiment in claims.yaml as a nested run under one parent, claimed vs measured.
 
-Numbers in the report are read back from the MLflow runs, never recomputed; a row whose config, data digest and
-git commit match a FINISHED run is reused instead of retrained.
+Numbers in the report are read back from the MLflow runs (an interval missing from an older run is recomputed from
+its logged predictions); a row whose config, data digest and git commit tags match a FINISHED run (an imported one
+too) is reused instead of retrained.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import mlflow
 import yaml
 from markupsafe import Markup, escape
 
-from . import experiments, models, pipeline, tracking
+from . import compare, experiments, models, pipeline, stats, tracking
 from .config import Config, make_config, parse_value
 
 log = logging.getLogger(__name__)
@@ -31,9 +32,12 @@ CLAIMS = Path(__file__).with_name("claims.yaml")
 QUICK_LIMIT = 400
 QUICK_IMAGE_SIZE = 48
 FIGURES = {"confusion matrix": "evaluation/test_confusion_matrix.png", "ROC": "evaluation/test_roc.png"}
-ENTRY_KEYS = {"name", "experiment", "params", "claimed", "source", "stated", "unstated", "grid", "cells"}
-COLUMNS = ["Experiment", "Claimed", "Measured (test)", "Validation", "Difference", "Epochs", "Wall time", "Run"]
+ENTRY_KEYS = {"name", "experiment", "protocol", "explain", "params", "claimed", "source", "stated", "unstated", "grid",
+              "cells"}
+COLUMNS = ["Experiment", "Protocol", "Claimed", "Measured (test) [95% CI]", "Claim vs CI", "Validation", "Difference",
+           "Why it differs", "Epochs", "Wall time", "Run"]
 NO_WEIGHTS = "ImageNet weights not available"
+EXPLAIN_OVER = 1.5  # points between claimed and measured that need a reason
 
 
 @dataclass
@@ -56,6 +60,9 @@ class Entry:
     stated: str
     unstated: list
     grid: dict
+    protocol: str = ""
+    protocol_says: str = ""
+    explain: dict[str, str] = dataclasses.field(default_factory=dict)  # reason id -> text
 
 
 # ---------------------------------------------------------------------------------------------- claims
@@ -69,7 +76,10 @@ def load_claims(path: str | Path = CLAIMS) -> list[Entry]:
     items = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise ValueError(f"{path}: expected a non-empty list under 'rows'")
-    entries = [_entry(item, f"{path}: rows[{i}]") for i, item in enumerate(items)]
+    protocols, reasons = _protocols(doc.get("protocols"), path), doc.get("reasons") or {}
+    if not isinstance(reasons, dict) or not all(isinstance(v, str) for v in reasons.values()):
+        raise ValueError(f"{path}: reasons must map a reason id to its text, got {reasons!r}")
+    entries = [_entry(item, f"{path}: rows[{i}]", protocols, reasons) for i, item in enumerate(items)]
     names = [e.name for e in entries] + [r.name for e in entries if e.grid for r in e.rows]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -77,11 +87,21 @@ def load_claims(path: str | Path = CLAIMS) -> list[Entry]:
     return entries
 
 
-def _entry(item, where: str) -> Entry:
+def _protocols(protocols, path) -> dict[str, dict]:
+    """How entries run: {name: {params: {...}, says: text}}; each named by the entries' `protocol`."""
+    if not isinstance(protocols, dict) or not protocols:
+        raise ValueError(f"{path}: expected a mapping under 'protocols' (name: {{params: {{...}}, says: text}})")
+    for name, p in protocols.items():
+        if not isinstance(p, dict) or set(p) != {"params", "says"} or not isinstance(p["params"], dict):
+            raise ValueError(f"{path}: protocols.{name}: expected {{params: {{...}}, says: text}}, got {p!r}")
+    return protocols
+
+
+def _entry(item, where: str, protocols: dict, reasons: dict) -> Entry:
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a mapping, got {item!r}")
     unknown = sorted(set(item) - ENTRY_KEYS)
-    missing = sorted({"name", "experiment", "source"} - set(item))
+    missing = sorted({"name", "experiment", "protocol", "source"} - set(item))
     if unknown or missing:
         raise ValueError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}")
     where = f"{where} ({item['name']})"
@@ -89,6 +109,13 @@ def _entry(item, where: str) -> Entry:
     params, grid = item.get("params") or {}, item.get("grid") or {}
     if not isinstance(params, dict) or not isinstance(grid, dict):
         raise ValueError(f"{where}: params and grid must be mappings")
+    if item["protocol"] not in protocols:
+        raise ValueError(f"{where}.protocol: {item['protocol']!r} is not one of {sorted(protocols)}")
+    protocol = protocols[item["protocol"]]
+    params = {**protocol["params"], **params}
+    explain = item.get("explain") or []
+    if not isinstance(explain, list) or set(explain) - set(reasons):
+        raise ValueError(f"{where}.explain: expected a list of reason ids from {sorted(reasons)}, got {explain!r}")
     if any(not isinstance(v, list) or not v for v in grid.values()):
         raise ValueError(f"{where}.grid: every key needs a non-empty list of values, got {grid}")
     unstated = item.get("unstated") or []
@@ -98,10 +125,15 @@ def _entry(item, where: str) -> Entry:
     for row in rows:
         try:  # YAML reads 1e-3 as text: type every value as its config field
             row.params = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in row.params.items()}
-            make_config(row.experiment, **row.params).validate()
+            cfg = make_config(row.experiment, **row.params)
+            cfg.validate()
         except ValueError as e:
             raise ValueError(f"{where}: row {row.name}: {e}") from e
-    return Entry(item["name"], rows, claimed, item["source"], item.get("stated", ""), unstated, grid)
+        if grid and not cfg.val_fraction:
+            raise ValueError(f"{where}: a grid chooses its best on validation, but protocol {item['protocol']!r} "
+                             f"leaves no validation split (val_fraction 0)")
+    return Entry(item["name"], rows, claimed, item["source"], item.get("stated", ""), unstated, grid,
+                 item["protocol"], protocol["says"], {k: reasons[k] for k in explain})
 
 
 def _rows(name: str, experiment: str, params: dict, grid: dict, cells: list, claimed, where: str) -> list[Row]:
@@ -195,10 +227,25 @@ def summarize(run_id: str) -> dict:
     sizes = mlflow.artifacts.load_dict(f"runs:/{run_id}/data_summary.json")["sizes"]
     return {"run_id": run_id, "experiment_id": run.info.experiment_id,
             "test_accuracy": run.data.metrics["test_accuracy"], "val_accuracy": run.data.metrics.get("val_accuracy"),
+            **accuracy_interval(run),
             "epochs": len(client.get_metric_history(run_id, "train_loss")),
             "wall_s": (run.info.end_time - run.info.start_time) / 1000,
             "test_split": run.data.params.get("test_split", ""), "test_images": sizes["test"],
             "dataset": run.data.tags.get("dataset", "")}
+
+
+def accuracy_interval(run) -> dict:
+    """The run's 95% bootstrap interval of test accuracy: logged, else recomputed (same resamples and seed) from its
+    per-image predictions; neither for runs logged before both existed."""
+    metrics = run.data.metrics
+    if "test_accuracy_ci_low" in metrics and "test_accuracy_ci_high" in metrics:
+        return {"ci": [metrics["test_accuracy_ci_low"], metrics["test_accuracy_ci_high"]], "ci_source": "logged"}
+    try:
+        found = compare.run_predictions(run.info.run_id)
+    except ValueError:
+        return {"ci": None, "ci_source": None}
+    ci = stats.classification_intervals(found["labels"], found["predicted"], len(found["classes"]))["accuracy"]
+    return {"ci": [ci.low, ci.high], "ci_source": "recomputed"}
 
 
 def measure(cfg: Config) -> dict:
@@ -306,46 +353,78 @@ def run_link(result: dict, meta: dict) -> tuple[str, str | None]:
     return text, href
 
 
-def table_row(label: str, claimed: float | None, claimed_text: str, result: dict, meta: dict) -> list:
+def claim_vs_interval(claimed: float | None, ci: list | None) -> str:
+    """Where the claimed figure (percent) lies against the measured 95% interval (fractions)."""
+    if claimed is None or ci is None:
+        return "—"
+    low, high = 100 * ci[0], 100 * ci[1]
+    return "inside" if low <= claimed <= high else f"outside ({'above' if claimed > high else 'below'})"
+
+
+def why_it_differs(entry: Entry, claimed: float | None, test: float, meta: dict) -> str:
+    """The entry's reasons (ids, explained in the notes) for a measured figure far from the claim."""
+    if claimed is None or abs(100 * test - claimed) <= EXPLAIN_OVER:
+        return "—"
+    if meta["quick"]:
+        return "quick smoke check"
+    return ", ".join(entry.explain) or "not explained"
+
+
+def table_row(label: str, entry: Entry, claimed: float | None, claimed_text: str, result: dict, meta: dict) -> list:
     """Cells of one table line; the run cell is (text, href)."""
     claim = f"{claimed:.2f}%" if claimed is not None else (claimed_text or "—")
     if "test_accuracy" not in result:
-        return [label, claim, result["message"], "—", "—", "—", "—", ("—", None)]
-    test = result["test_accuracy"]
+        return [label, entry.protocol, claim, result["message"], *["—"] * 6, ("—", None)]
+    test, ci = result["test_accuracy"], result["ci"]
+    measured = _pct(test) + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]" if ci else " [-]")
     diff = f"{100 * test - claimed:+.2f} pp" if claimed is not None else "—"
     val = _pct(result["val_accuracy"]) if result["val_accuracy"] is not None else "—"
-    return [label, claim, _pct(test), val, diff, str(result["epochs"]),
-            _duration(result["wall_s"]), run_link(result, meta)]
+    return [label, entry.protocol, claim, measured, claim_vs_interval(claimed, ci), val, diff,
+            why_it_differs(entry, claimed, test, meta), str(result["epochs"]), _duration(result["wall_s"]),
+            run_link(result, meta)]
 
 
 def main_table(entries: list[Entry], results: dict, meta: dict) -> list[list]:
     lines = []
     for e in entries:
         if not e.grid:
-            lines.append(table_row(e.name, e.claimed, "", results[e.rows[0].name], meta))
+            lines.append(table_row(e.name, e, e.claimed, "", results[e.rows[0].name], meta))
             continue
         row = best_row(e, results)
         if row is None:
             first = results[e.rows[0].name]
-            lines.append(table_row(f"{e.name}: none of {len(e.rows)} measured", e.claimed, "", first, meta))
+            lines.append(table_row(f"{e.name}: none of {len(e.rows)} measured", e, e.claimed, "", first, meta))
         else:
             label = f"{e.name}: best of {len(e.rows)} on validation ({_combo(e, row)})"
-            lines.append(table_row(label, e.claimed, "", results[row.name], meta))
+            lines.append(table_row(label, e, e.claimed, "", results[row.name], meta))
     return lines
 
 
 def grid_table(entry: Entry, results: dict, meta: dict) -> list[list]:
-    return [table_row(_combo(entry, r), r.claimed, r.claimed_text, results[r.name], meta) for r in entry.rows]
+    return [table_row(_combo(entry, r), entry, r.claimed, r.claimed_text, results[r.name], meta) for r in entry.rows]
 
 
 def _combo(entry: Entry, row: Row) -> str:
     return ", ".join(f"{k}={row.params[k]}" for k in entry.grid)
 
 
-def notes(entries: list[Entry], results: dict, meta: dict) -> list[str]:
-    lines = [("Measured = the `test_accuracy` metric of each row's MLflow run, Validation = its `val_accuracy` "
-              "(split carved from train); difference in percentage points. A grid is compared through its best "
-              "combination on validation accuracy: the test split never selects.")]
+def notes(entries: list[Entry], results: dict, meta: dict, cited: set[str]) -> list[str]:
+    lines = [(f"Measured = the `test_accuracy` metric of each row's MLflow run with its {stats.LEVEL:.0%} bootstrap "
+              f"interval ({stats.RESAMPLES:,} resamples of the test images, BCa, seeded): the run's "
+              f"`test_accuracy_ci_low/high`, else recomputed from its `{compare.predictions_path()}`, else [-]. "
+              f"Claim vs CI: whether the claimed figure lies inside that interval. Validation = `val_accuracy`, "
+              f"only where the protocol keeps a validation split; difference in percentage points. A grid is compared "
+              f"through its best combination on validation accuracy: the test split never selects.")]
+    protocols = {e.protocol: e.protocol_says for e in entries}
+    lines += [f"Protocol `{name}`: {says}." for name, says in protocols.items()]
+    recomputed = [n for n, r in results.items() if r.get("ci_source") == "recomputed"]
+    if recomputed:
+        lines.append(f"Intervals recomputed from logged predictions (runs from before intervals were logged): "
+                     f"{', '.join(recomputed)}.")
+    reasons = {k: v for e in entries for k, v in e.explain.items() if k in cited}
+    if reasons:
+        lines.append(f"Why it differs (cited where measured and claimed are more than {EXPLAIN_OVER} points apart): "
+                     + "; ".join(f"`{k}`: {v}" for k, v in reasons.items()) + ".")
     fer = sorted({(r["test_split"], r["test_images"]) for r in results.values() if r.get("dataset") == "fer2013"})
     for split, n in fer:
         half = {"public": "the PublicTest half of FER2013's original test set (the folder layout's test/)",
@@ -404,9 +483,12 @@ def _prose(text: str) -> Markup:
 
 
 def _context(entries: list[Entry], results: dict, meta: dict) -> dict:
-    return {"columns": COLUMNS, "header": _header(meta), "main": main_table(entries, results, meta),
-            "grids": [(e.name, grid_table(e, results, meta)) for e in entries if e.grid],
-            "notes": notes(entries, results, meta)}
+    main = main_table(entries, results, meta)
+    grids = [(e.name, grid_table(e, results, meta)) for e in entries if e.grid]
+    why = COLUMNS.index("Why it differs")
+    cited = {r.strip() for line in main + [g for _, lines in grids for g in lines] for r in line[why].split(",")}
+    return {"columns": COLUMNS, "header": _header(meta), "main": main, "grids": grids,
+            "notes": notes(entries, results, meta, cited)}
 
 
 def render_markdown(entries: list[Entry], results: dict, meta: dict) -> str:

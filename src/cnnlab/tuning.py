@@ -27,12 +27,12 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from . import devices, experiments, logs, tracking
+from . import devices, experiments, logs, pipeline, tracking
 from .config import field_types, make_config, parse_value
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_epochs", "heartbeat_interval", "fixed",
-             "space", "sampler", "pruner"}
+SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_images", "heartbeat_interval", "fixed",
+             "space", "enqueue", "sampler", "pruner"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": {"choices"}}
 SAMPLERS = {"grid": optuna.samplers.GridSampler, "tpe": optuna.samplers.TPESampler,
@@ -77,9 +77,9 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
-    spec = {"study_name": path.stem, "storage": DEFAULT_STORAGE, "n_trials": 20, "budget_epochs": 0,
-            "heartbeat_interval": 60, "fixed": {}, "sampler": {"type": "tpe", "seed": 0}, "pruner": {"type": "none"},
-            **raw, "source": str(path)}
+    spec = {"study_name": path.stem, "storage": DEFAULT_STORAGE, "n_trials": 20, "budget_images": 0,
+            "heartbeat_interval": 60, "fixed": {}, "enqueue": [], "sampler": {"type": "tpe", "seed": 0},
+            "pruner": {"type": "none"}, **raw, "source": str(path)}
     spec.update({k: v for k, v in (("storage", storage), ("study_name", study_name), ("n_trials", n_trials)) if v})
     refuse_password(spec["storage"])
     spec["fixed"] = {k: _value(f"{path}: fixed.{k}", k, v) for k, v in (spec["fixed"] or {}).items()}
@@ -87,16 +87,21 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
     searched = sorted(set(params or {}) & set(spec["space"]))
     if searched:
         raise ValueError(f"{path}: {searched} searched in the space; remove from `space` to fix a value")
+    both = sorted(set(spec["fixed"]) & set(spec["space"]))
+    if both:
+        raise ValueError(f"{path}: {both} both fixed and searched; keep each in `fixed` or in `space`")
     spec["fixed"].update(params or {})
-    for key, least in (("n_trials", 1), ("budget_epochs", 0), ("heartbeat_interval", 1)):
-        if not isinstance(spec[key], int) or spec[key] < least:
+    for key, least in (("n_trials", 1), ("budget_images", 0), ("heartbeat_interval", 1)):
+        if not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < least:
             raise ValueError(f"{path}: {key} must be an integer >= {least}, got {spec[key]!r}")
-    _check_strategy(spec, path)
+    spec["enqueue"] = _enqueued(spec, path)
     first = {k: p["choices"][0] if p["type"] == "categorical" else p["low"] for k, p in spec["space"].items()}
     try:  # as a trial runs: validation only
-        make_config(spec["experiment"], **spec["fixed"], **first, eval_test=False).validate()
+        cfg = make_config(spec["experiment"], **spec["fixed"], **first, eval_test=False)
+        cfg.validate()
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    _check_strategy(spec, path, cfg.total_epochs())
     return spec
 
 
@@ -130,10 +135,39 @@ def _param(where: str, name: str, p) -> dict:
     return out
 
 
-def _check_strategy(spec: dict, path: Path) -> None:
+def _enqueued(spec: dict, path: Path) -> list[dict]:
+    """The `enqueue` list: known-good points evaluated first, each a mapping of searched parameters to values."""
+    points = spec["enqueue"] or []
+    if not isinstance(points, list):
+        raise ValueError(f"{path}: enqueue must be a list of {{parameter: value}} mappings, got {points!r}")
+    out = []
+    for i, point in enumerate(points):
+        where = f"{path}: enqueue[{i}]"
+        if not isinstance(point, dict) or not point:
+            raise ValueError(f"{where}: expected a non-empty mapping of searched parameters, got {point!r}")
+        unknown = sorted(set(point) - set(spec["space"]))
+        if unknown:
+            raise ValueError(f"{where}: {unknown} not searched in `space` ({sorted(spec['space'])})")
+        typed = {k: _value(f"{where}.{k}", k, v) for k, v in point.items()}
+        for k, v in typed.items():
+            p = spec["space"][k]
+            inside = v in p["choices"] if p["type"] == "categorical" else p["low"] <= v <= p["high"]
+            if not inside:
+                allowed = p["choices"] if p["type"] == "categorical" else f"{p['low']}..{p['high']}"
+                raise ValueError(f"{where}.{k}: {v!r} is outside the space ({allowed})")
+        out.append(typed)
+    return out
+
+
+def _check_strategy(spec: dict, path: Path, epochs: int) -> None:
     for key, known in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         if not isinstance(spec[key], dict) or spec[key].get("type") not in known:
             raise ValueError(f"{path}: {key} needs `type` one of {sorted(known)}, got {spec[key]!r}")
+    if spec["pruner"]["type"] in ("hyperband", "successive_halving"):
+        least = spec["pruner"].get("min_resource")
+        if not isinstance(least, int) or isinstance(least, bool) or not 1 <= least < epochs:
+            raise ValueError(f"{path}: pruner: {spec['pruner']['type']} needs min_resource, the epochs of its first "
+                             f"rung, an integer 1..{epochs - 1} (trials run {epochs} epochs), got {least!r}")
     if spec["sampler"]["type"] == "grid":
         continuous = sorted(k for k, p in spec["space"].items() if p["type"] != "categorical")
         if continuous:
@@ -248,6 +282,8 @@ def open_study(spec: dict, storage: optuna.storages.RDBStorage) -> optuna.Study:
                          f"val_accuracy: use another --study-name")
     mine, stored = definition(spec), study.user_attrs.get("definition")
     if stored is None:
+        for point in spec["enqueue"]:  # known-good points first, once, when the study is created
+            study.enqueue_trial(point, user_attrs={"enqueued": True})
         study.set_user_attr("definition", mine)
     elif stored != mine:
         differs = sorted(k for k in mine if mine[k] != stored.get(k))
@@ -268,10 +304,22 @@ def epochs_spent(study: optuna.Study) -> int:
     return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
 
 
+def images_spent(study: optuna.Study) -> int:
+    """Training images processed by all trials so far: each epoch counts its trial's training-split size."""
+    return sum(len(t.intermediate_values) * t.user_attrs.get("epoch_images", 0)
+               for t in study.get_trials(deepcopy=False))
+
+
+def trial_images(study: optuna.Study) -> int:
+    """What one full trial costs in training images, as the latest trial recorded it (0 before any trial)."""
+    costs = [t.user_attrs["trial_images"] for t in study.get_trials(deepcopy=False) if "trial_images" in t.user_attrs]
+    return costs[-1] if costs else 0
+
+
 def finished(study: optuna.Study, spec: dict) -> bool:
-    """The study has its n_trials, or has spent its epoch budget."""
-    budget = spec["budget_epochs"]
-    return counted(study) >= spec["n_trials"] or bool(budget and epochs_spent(study) >= budget)
+    """The study has its n_trials, or what is left of its image budget cannot pay for one more complete trial."""
+    budget = spec["budget_images"]
+    return counted(study) >= spec["n_trials"] or bool(budget and images_spent(study) + trial_images(study) > budget)
 
 
 # --- the search ----------------------------------------------------------------------------------------------------
@@ -284,16 +332,20 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     run_id = child_run(spec, parent_id, cfg.run_name, trial_number=str(trial.number),
                        worker=f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("mlflow_run_id", run_id)
-    budget, epochs = spec["budget_epochs"], cfg.total_epochs()
+    budget, epochs = spec["budget_images"], cfg.total_epochs()
+    epoch_images = len(pipeline.load_data(cfg)["train"])  # a subset (limit) counts its own size
+    trial.set_user_attr("epoch_images", epoch_images)
+    trial.set_user_attr("trial_images", epochs * epoch_images)
 
     def report(epoch: int, metrics: dict) -> None:
         trial.report(metrics["val_accuracy"], epoch + 1)
         if trial.should_prune():
             raise Pruned(f"trial {trial.number} pruned at epoch {epoch + 1}: val_accuracy "
                          f"{metrics['val_accuracy']:.4f} is below the pruner's bar")
-        if budget and epoch + 1 < epochs and epochs_spent(trial.study) >= budget:
-            raise Pruned(f"trial {trial.number} stopped at epoch {epoch + 1}: "
-                         f"the study's {budget}-epoch budget is spent")
+        rest = (epochs - epoch - 1) * epoch_images
+        if budget and rest and images_spent(trial.study) + rest > budget:  # only complete trials can be the best
+            raise Pruned(f"trial {trial.number} stopped at epoch {epoch + 1}: its remaining {rest} images would pass "
+                         f"the study's budget of {budget} training images")
     try:
         return experiments.run(cfg, on_epoch_end=report, nested=True, run_id=run_id)["val_accuracy"]
     finally:
@@ -392,7 +444,7 @@ def log_study(study: optuna.Study, parent_id: str) -> dict:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     summary = {"n_trials": len(trials), "n_complete": states["COMPLETE"], "n_pruned": states["PRUNED"],
-               "n_failed": states["FAIL"], "epochs_spent": epochs_spent(study)}
+               "n_failed": states["FAIL"], "epochs_spent": epochs_spent(study), "images_spent": images_spent(study)}
     metrics, tags = dict(summary), {}
     if states["COMPLETE"]:
         best = study.best_trial
@@ -456,10 +508,11 @@ def retrain_best(study: optuna.Study, spec: dict, parent_id: str) -> dict:
         raise RuntimeError(f"study {spec['study_name']} has no complete trial to retrain ({states}); "
                            f"see the trial runs' error and pruned_reason tags")
     best = study.best_trial
+    images = best.user_attrs.get("trial_images")  # the final run trains what the best trial trained
     done = study.user_attrs.get("final_run", {})
     if done.get("best_trial") == best.number and _run_status(done["run_id"]) == "FINISHED":
         metrics = MlflowClient().get_run(done["run_id"]).data.metrics
-        return {"run_id": done["run_id"], "reused": True,
+        return {"run_id": done["run_id"], "reused": True, "images": images,
                 **{k: metrics.get(k) for k in ("val_accuracy", "test_accuracy")}}
     cfg = make_config(spec["experiment"], **spec["fixed"], **best.params, run_name=f"{spec['study_name']}-final")
     run_id = child_run(spec, parent_id, cfg.run_name, final="true", best_trial=str(best.number))
@@ -467,7 +520,8 @@ def retrain_best(study: optuna.Study, spec: dict, parent_id: str) -> dict:
     _drop_checkpoints(run_id)
     study.set_user_attr("final_run", {"run_id": run_id, "best_trial": best.number})
     mlflow.set_tag("final_run_id", run_id)
-    return {"run_id": run_id, "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"]}
+    return {"run_id": run_id, "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
+            "images": images}
 
 
 def _run_status(run_id: str | None) -> str | None:
