@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from cnnlab import config, experiments, models, pipeline
+from cnnlab import calibration, config, experiments, models, pipeline
 from cnnlab.augment import batch_augment, random_affine
 from cnnlab.data import Split, register_dataset
 from cnnlab.preprocess import Preprocess
@@ -70,6 +70,13 @@ def test_a_color_dataset_and_model_defined_here_train_and_evaluate(toy_experimen
     assert len(trained.history) == 3 and "val_accuracy" in trained.history[-1]
     written = {p.name for p in (tmp_path / "eval").iterdir()}
     assert {"test_confusion_matrix.png", "test_tta_roc.png", "curves.png"} <= written
+    # temperature: fitted on val (it minimises val NLL), applied to test's metrics and stored for serving
+    t, val = trained.temperature, trained.splits["val"].labels.numpy()
+    assert t > 0 and trained.metrics["temperature"] == t and trained.bundle()["temperature"] == t
+    nll = [calibration.nll(calibration.calibrate(trained.probabilities["val"], k), val) for k in (t * 0.8, t, t * 1.25)]
+    assert nll[1] <= min(nll[0], nll[2])
+    assert trained.metrics["test_ece_calibrated"] == pytest.approx(calibration.expected_calibration_error(
+        calibration.calibrate(trained.probabilities["test"], t), test_labels))
 
 
 def test_the_color_experiment_as_a_tracked_run(toy_experiment):

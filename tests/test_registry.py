@@ -2,23 +2,32 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cnnlab import cli, models, registry, tracking
+from cnnlab import cli, evaluation, models, registry, tracking
 from cnnlab.preprocess import Classifier, Preprocess
 
 SPEC = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
 
 
 def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", status: str = "FINISHED",
-               model: bool = True, **tags) -> str:
-    """A run as experiments.run leaves it: metrics, tags and a real cnnlab pyfunc model (a tiny untrained MLP)."""
+               model: bool = True, correct: np.ndarray | None = None, **tags) -> str:
+    """A run as experiments.run leaves it: metrics, tags and a real cnnlab pyfunc model (a tiny untrained MLP);
+    with `correct` (one bool per test image), its test predictions file."""
     tracking.init_tracking(experiment)
     with mlflow.start_run() as run:
+        if correct is not None:
+            labels = np.arange(len(correct)) % 3
+            probs = np.eye(3)[np.where(correct, labels, (labels + 1) % 3)]
+            with tempfile.TemporaryDirectory() as tmp:
+                evaluation.write_predictions(Path(tmp) / "test_predictions.csv", probs, labels, ["a", "b", "c"])
+                mlflow.log_artifacts(tmp, "evaluation")
         mlflow.set_tags({"experiment": experiment, "dataset_digest": digest, "git_commit": "c0ffee", **tags})
         mlflow.log_metrics({"val_accuracy": val, "test_accuracy": val - 0.01, "test_macro_f1": val - 0.02,
                             "test_auc_a": 0.9, "test_f1_b": 0.8})
@@ -100,3 +109,24 @@ def test_cli_register(capsys):
     assert out["uri"] == "models:/custom@champion"
     assert cli.main(["register", "nope"]) == 2
     assert "for experiment 'nope'" in capsys.readouterr().err
+
+
+def test_register_says_whether_the_challenger_is_significantly_better():
+    rng = np.random.default_rng(0)
+    base = rng.random(2000) < 0.60
+    logged_run(0.60, correct=base)
+    registry.register("fmnist_cnn")
+    much = base | (rng.random(2000) < 0.25)  # fixes ~10% of the images, breaks none
+    logged_run(0.70, correct=much)
+    result = registry.register("fmnist_cnn")
+    assert result["alias"] == "champion"
+    assert result["significance"].startswith("challenger is significantly better than the champion")
+    assert MlflowClient().get_model_version("fmnist_cnn", result["version"]).tags["significance"] == \
+        result["significance"]
+    flips = rng.random(2000) < 0.01  # 1% of the images change, either way: noise
+    logged_run(0.71, correct=much ^ flips)
+    result = registry.register("fmnist_cnn")
+    assert result["significance"].startswith("challenger is not significantly better")
+    logged_run(0.72, correct=np.ones(50, bool))
+    result = registry.register("fmnist_cnn")
+    assert "not compared with champion" in result["significance"] and "50 images" in result["significance"]

@@ -25,6 +25,7 @@ import torch
 from cnnlab import registry, serving
 from cnnlab.data.fer2013 import decode_gray
 from cnnlab.experiments import make_config, run
+from cnnlab.calibration import calibrate
 from cnnlab.serving import CnnlabModel, InputError
 from cnnlab.stack import ModelServer, status_kb
 
@@ -152,13 +153,64 @@ def test_decoded_exactly_as_in_training(trained, fer_subset, monkeypatch):
 
     files = sorted(fer_subset.glob("test/*/*.jpg"))  # the loader's order: class folders, then file names
     _, test = fer2013.load(str(fer_subset))
-    expected = predict(from_bundle(torch.load(trained.bundle, weights_only=True)), test.images, precision="fp32")
+    data = torch.load(trained.bundle, weights_only=True)
+    expected = predict(from_bundle(data), test.images, precision="fp32")
     monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "fp32")
-    got = CnnlabModel.from_bundle_file(trained.bundle).predict(None, frame([b64(f.read_bytes()) for f in files]))
+    model = CnnlabModel.from_bundle_file(trained.bundle)
+    got = model.predict(None, frame([b64(f.read_bytes()) for f in files]), params={"calibrated": False})
     np.testing.assert_allclose(pd.DataFrame(got).filter(like="prob_").to_numpy(), expected.numpy(), atol=1e-6)
+    # by default the temperature fitted on validation is applied: the same ranking, other confidences
+    assert data["temperature"] > 0 and abs(data["temperature"] - 1) > 1e-3
+    calibrated = model.predict(None, frame([b64(f.read_bytes()) for f in files]))
+    np.testing.assert_allclose(pd.DataFrame(calibrated).filter(like="prob_").to_numpy(),
+                               calibrate(expected.numpy(), data["temperature"]), atol=1e-5)
+    assert [r["label"] for r in calibrated] == [r["label"] for r in got]
     monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "bf16")  # the default on CPUs with AMX: close, not equal
-    got = CnnlabModel.from_bundle_file(trained.bundle).predict(None, test.images.numpy())
+    got = CnnlabModel.from_bundle_file(trained.bundle).predict(None, test.images.numpy(), params={"calibrated": False})
     np.testing.assert_allclose(pd.DataFrame(got).filter(like="prob_").to_numpy(), expected.numpy(), atol=2e-2)
+
+
+def test_tta_and_explain_params(trained, fer_subset, monkeypatch):
+    """params.tta averages the views as evaluation does; params.explain adds a Grad-CAM PNG of each image's size."""
+    from cnnlab.augment import tta_probabilities
+    from cnnlab.data import fer2013
+    from cnnlab.models import from_bundle
+
+    monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "fp32")
+    _, test = fer2013.load(str(fer_subset))
+    images = test.images[:6]
+    model = CnnlabModel.from_bundle_file(trained.bundle)
+    with torch.inference_mode():
+        want = tta_probabilities(from_bundle(torch.load(trained.bundle, weights_only=True)), images, "tencrop")
+    got = model.predict(None, images.numpy(), params={"tta": "tencrop", "calibrated": False})
+    np.testing.assert_allclose(pd.DataFrame(got).filter(like="prob_").to_numpy(), want.numpy(), atol=1e-5)
+    plain = model.predict(None, images.numpy(), params={"calibrated": False})
+    assert np.abs(pd.DataFrame(plain).filter(like="prob_").to_numpy() - want.numpy()).max() > 1e-4
+
+    explained = model.predict(None, images.numpy(), params={"explain": True})
+    assert [r["label"] for r in explained] == [r["label"] for r in model.predict(None, images.numpy())]
+    for row in explained:
+        assert row["heatmap"].startswith("data:image/png;base64,")
+        heat = cv2.imdecode(np.frombuffer(base64.b64decode(row["heatmap"].split(",", 1)[1]), np.uint8), 0)
+        assert heat.shape == (48, 48) and heat.max() > 0
+    assert "heatmap" not in plain[0]
+    for params, message in (({"tta": "fivecrop"}, "params.tta must be one of"), ({"explain": "yes"}, "params.explain"),
+                            ({"colour": True}, "unknown params"), ({"calibrated": 1}, "params.calibrated")):
+        with pytest.raises(InputError, match=message):
+            model.predict(None, images.numpy(), params=params)
+
+
+def test_explain_unavailable_is_a_client_error():
+    """A net without a convolutional feature map (the MLP) cannot be explained: a 400 naming why, not a 500."""
+    from cnnlab.models import create
+    from cnnlab.preprocess import Classifier, Preprocess
+
+    clf = Classifier(Preprocess(0.5, 0.25, 28), create("mlp", num_classes=3)).eval()
+    model = CnnlabModel.from_classifier(clf, ["a", "b", "c"])
+    pixels = np.zeros((2, 28, 28), np.uint8)
+    assert len(model.predict(None, pixels)) == 2
+    with pytest.raises(InputError, match="params.explain: .*no convolutional feature map"):
+        model.predict(None, pixels, params={"explain": True})
 
 
 def test_chunks_and_sizes_keep_row_order(trained, monkeypatch):
@@ -306,6 +358,10 @@ def test_detect_faces(served):
         assert_same([{k: v for k, v in d.items() if k != "box"}], crop)
     in_process = served.model.predict(frame([b64(photo)]), params={"detect_faces": True})
     assert in_process[0]["detections"] == row["detections"]
+
+    r = served.post({**split([b64(photo)]), "params": {"detect_faces": True, "explain": True, "tta": "flip"}})
+    assert r.status_code == 200, r.text  # the signature lists every param: MLflow passes them on
+    assert all(d["heatmap"].startswith("data:image/png;base64,") for d in r.json()["predictions"][0]["detections"])
 
     no_face = np.full((240, 320, 3), 180, np.uint8)
     r = served.post({**split([b64(cv2.imencode(".jpg", no_face)[1].tobytes())]), "params": {"detect_faces": True}})

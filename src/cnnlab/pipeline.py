@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import data, models
+from . import calibration, data, models
 from .augment import batch_augment, tta_views
 from .config import Config
 from .data import Split
@@ -35,6 +35,7 @@ class Trained:
     teacher: Classifier | None = None  # distillation's frozen teacher (one model or an ensemble)
     members: list[dict] = field(default_factory=list)  # an ensemble's member bundles (then `model` averages them)
     tags: dict[str, str] = field(default_factory=dict)  # where the model came from: final weights, teacher, members
+    temperature: float | None = None  # fitted on val by evaluate(); stored in the bundle, applied when served
 
     @property
     def classes(self) -> list[str]:
@@ -42,9 +43,9 @@ class Trained:
 
     def bundle(self) -> dict:
         """The model as a bundle: what is logged, registered and served."""
-        if self.members:
-            return models.ensemble_bundle(self.members)
-        return models.bundle(self.model, self.spec, self.classes)
+        data = (models.ensemble_bundle(self.members) if self.members
+                else models.bundle(self.model, self.spec, self.classes))
+        return data if self.temperature is None else {**data, "temperature": float(self.temperature)}
 
 
 def load_data(cfg: Config) -> dict[str, Split]:
@@ -140,15 +141,22 @@ def evaluate(trained: Trained, out_dir: Path) -> dict[str, float]:
     names = [n for n in ("val", "test") if n in trained.splits and (n == "val" or cfg.eval_test)]
     ensemble = isinstance(trained.model.net, models.MemberAverage)
     for name in names:
+        for suffix, transform in views.items():
+            probs = predict(trained.model, trained.splits[name].images, cfg.eval_batch_size, cfg.device,
+                            cfg.precision, transform)
+            trained.probabilities[name + suffix] = probs.numpy()
+    if "val" in trained.probabilities:  # fitted on validation, applied to test and by the served model
+        trained.temperature = calibration.fit_temperature(trained.probabilities["val"],
+                                                          trained.splits["val"].labels.numpy())
+        trained.metrics["temperature"] = trained.temperature
+    for name in names:
         split = trained.splits[name]
         for suffix, transform in views.items():
-            probs = predict(trained.model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision, transform)
-            trained.probabilities[name + suffix] = probs.numpy()
             # Grad-CAM grid of the worst confusions: once per run, and not of an ensemble (no one feature map)
             explain = name == "test" and transform is None and not ensemble
             trained.metrics.update(metrics_and_artifacts(trained.probabilities[name + suffix], split.labels.numpy(),
                                                          split.classes, out_dir, name + suffix,
-                                                         images=split.images.numpy(),
+                                                         images=split.images.numpy(), temperature=trained.temperature,
                                                          model=trained.model if explain else None))
             if trained.raw_model is not None:
                 raw = predict(trained.raw_model, split.images, cfg.eval_batch_size, cfg.device, cfg.precision,

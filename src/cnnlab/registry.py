@@ -5,7 +5,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from . import tracking
+from . import compare, tracking
 
 METRIC = "val_accuracy"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -76,8 +76,19 @@ def register(experiment: str | None = None, study: str | None = None, name: str 
         return {**summary, "version": v.version, "alias": aliases, "registered": False,
                 "reason": f"run {run.info.run_id} is already registered as {name} v{v.version} (aliases: {aliases})"}
     tags = version_tags(run, logged)
-    alias, reason = choose_alias(tags, champion(client, name))
+    current = champion(client, name)
+    alias, reason = choose_alias(tags, current)
+    if current is not None:
+        summary["significance"] = tags["significance"] = significance(current, run.info.run_id)
     version = mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return {**summary, "version": version.version, "alias": alias, "registered": True, "reason": reason,
             "uri": f"models:/{name}@{alias}"}
+
+
+def significance(current, run_id: str) -> str:
+    """McNemar's test of this run against the champion on the same test images: is the gap more than noise?"""
+    try:
+        return compare.challenger_verdict(current.run_id, run_id)[1]
+    except (ValueError, MlflowException) as e:  # no predictions logged (older runs), or other test images
+        return f"not compared with champion v{current.version}: {e}"

@@ -12,7 +12,7 @@ import os
 import shutil
 import struct
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -23,6 +23,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from .augment import TTA, tta_views
+from .calibration import calibrate
 from .data import DataError
 from .data.fer2013 import decode_gray
 
@@ -80,7 +82,7 @@ class Budget:
 
 def pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless"):
+    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -93,7 +95,7 @@ def signature(output: list[dict]):
     turn one of them into an error (a column schema makes a DataFrame of tensors); predict checks both itself."""
     from mlflow.models import infer_signature
 
-    return infer_signature(None, pd.DataFrame(output), params={"detect_faces": False})
+    return infer_signature(None, pd.DataFrame(output), params=asdict(Options()))
 
 
 def package_copy(dest: Path) -> str:
@@ -339,15 +341,38 @@ def images_of(model_input, budget: Budget, channels: int) -> Encoded | Pixels:
     return Pixels(model_input, budget, channels)
 
 
-def wants_faces(params) -> bool:
+@dataclass(frozen=True)
+class Options:
+    """What a request may ask for in `params`; the defaults are the model's signature."""
+    detect_faces: bool = False  # classify each face found (boxes, one record per face) instead of the whole image
+    calibrated: bool = True  # apply the temperature fitted on validation (models trained with a validation split)
+    tta: str = "none"  # average over test-time views: none, flip (2) or tencrop (10), as evaluation does
+    explain: bool = False  # a Grad-CAM heat map (PNG data URL, the image's size) of the predicted class per image
+
+
+def options_of(params) -> Options:
     if params is None:
-        return False
+        return Options()
     if not isinstance(params, dict):
         raise InputError(f"params must be an object, got {type(params).__name__}")
-    value = params.get("detect_faces", False)
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputError(f"params.detect_faces must be true or false, got {value!r:.50}")
-    return bool(value)
+    known = {f.name: f.type for f in fields(Options)}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InputError(f"unknown params {unknown}; known: {sorted(known)}")
+    for name, value in params.items():
+        if known[name] == "bool" and not isinstance(value, (bool, np.bool_)):
+            raise InputError(f"params.{name} must be true or false, got {value!r:.50}")
+    if params.get("tta", "none") not in TTA:
+        raise InputError(f"params.tta must be one of {list(TTA)}, got {params['tta']!r:.50}")
+    return Options(**{k: bool(v) if known[k] == "bool" else v for k, v in params.items()})
+
+
+def heatmap_png(heat: np.ndarray) -> str:
+    """A 0-1 heat map as a grayscale PNG data URL."""
+    import cv2
+
+    ok, png = cv2.imencode(".png", np.rint(np.clip(heat, 0, 1) * 255).astype(np.uint8))
+    return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
 
 
 def serving_precision() -> str:
@@ -418,15 +443,16 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         from .models import from_bundle
 
         data = torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts, strings: no code runs
-        self._setup(from_bundle(data), data["classes"], int(data["preprocess"].get("image_channels", 1)))
+        self._setup(from_bundle(data), data["classes"], int(data["preprocess"].get("image_channels", 1)),
+                    float(data.get("temperature", 1.0)))
 
-    def _setup(self, classifier, classes: list[str], image_channels: int) -> None:
+    def _setup(self, classifier, classes: list[str], image_channels: int, temperature: float = 1.0) -> None:
         threads = serving_threads()
         if threads:
             torch.set_num_threads(threads)
         self.classes, self.channels, self.budget = list(classes), image_channels, settings_from_env(Budget)
         self.columns = [f"prob_{name}" for name in self.classes]
-        self.classifier = classifier.eval()
+        self.classifier, self.temperature, self._explainer = classifier.eval(), temperature, None
         net = classifier.net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for CPU convs, pools
         # weights cast once, not autocast: autocast re-casts every weight on every request (ms at batch 1);
         # norm layers stay fp32 for their running statistics
@@ -439,26 +465,56 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         self._local = threading.local()
 
     @torch.inference_mode()
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (N, C) for a stack of same-size images, N <= BATCH."""
-        clf = self.classifier
+    def probabilities(self, pixels: np.ndarray, tta: str = "none") -> np.ndarray:
+        """Class probabilities (N, C) for a stack of same-size images, N <= BATCH, averaged over the TTA views."""
+        clf, views = self.classifier, tta_views(tta)
+        x = torch.from_numpy(pixels)
         with self._lock:
-            x = clf.preprocess(torch.from_numpy(pixels)).to(self.dtype)  # the training preprocessing, in fp32
-            return clf.probabilities(clf.net(x)).numpy()
+            # the training preprocessing (fp32), then the net in its serving dtype
+            probs = [clf.probabilities(clf.net(clf.preprocess(v).to(self.dtype))) for v in (views(x) if views else [x])]
+            return (sum(probs) / len(probs)).float().numpy()
 
-    def classify(self, images: Encoded | Pixels) -> np.ndarray:
+    def heatmaps(self, pixels: np.ndarray, targets: np.ndarray) -> list[str]:
+        """Grad-CAM of each image's `targets` class, from an fp32 copy of the model (Grad-CAM needs fp32 and grads)."""
+        import copy
+
+        from .explain import explain
+        from .models import MemberAverage
+
+        if isinstance(self.classifier.net, MemberAverage):
+            raise InputError("params.explain: an ensemble has no one feature map to explain; explain a member")
+        with self._lock:
+            if self._explainer is None:
+                self._explainer = copy.deepcopy(self.classifier).float()
+            try:
+                maps = explain(self._explainer, torch.from_numpy(pixels), targets)
+            except ValueError as e:  # ExplainUnavailable, or color images
+                raise InputError(f"params.explain: {e}") from None
+        return [heatmap_png(m) for m in maps]
+
+    def classify(self, images: Encoded | Pixels, options: Options = Options()) -> tuple[np.ndarray, list | None]:
+        """Probabilities (N, C), calibrated unless asked not to; with `explain`, a heat map per image."""
         probs = np.empty((len(images), len(self.classes)), np.float32)
+        maps = [None] * len(images) if options.explain else None
         for rows, pixels in images.chunks():
-            probs[rows] = self.probabilities(pixels)
-        return probs
+            probs[rows] = self.probabilities(pixels, options.tta)
+            if maps is not None:
+                for row, heat in zip(rows, self.heatmaps(pixels, probs[rows].argmax(1))):
+                    maps[row] = heat
+        if options.calibrated and self.temperature != 1.0:
+            probs = calibrate(probs, self.temperature).astype(np.float32)
+        return probs, maps
 
-    def records(self, probs: np.ndarray) -> list[dict]:
-        """label, class_index and one prob_<class> per class, per image."""
+    def records(self, probs: np.ndarray, maps: list | None = None) -> list[dict]:
+        """label, class_index and one prob_<class> per class, per image; with maps, its `heatmap`."""
         index = probs.argmax(1).tolist()
-        return [{"label": self.classes[k], "class_index": k, **dict(zip(self.columns, row))}
+        rows = [{"label": self.classes[k], "class_index": k, **dict(zip(self.columns, row))}
                 for k, row in zip(index, probs.astype(np.float64).tolist())]
+        for row, heat in zip(rows, maps or []):
+            row["heatmap"] = heat
+        return rows
 
-    def faces(self, images: Encoded | Pixels) -> list[dict]:
+    def faces(self, images: Encoded | Pixels, options: Options) -> list[dict]:
         """One record per image: how many faces, and per face its box (x, y, w, h), label and probabilities."""
         detector = getattr(self._local, "detector", None)
         if detector is None:
@@ -468,7 +524,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
             img = images.image(i)
             boxes = detector(img)
             crops = [np.ascontiguousarray(img[..., y: y + h, x: x + w]) for x, y, w, h in boxes]
-            found = self.records(self.classify(Crops(crops))) if crops else []
+            found = self.records(*self.classify(Crops(crops), options)) if crops else []
             detections = [{"box": dict(zip("xywh", box)), **face} for box, face in zip(boxes, found)]
             rows.append({"image": i, "faces": len(boxes), "detections": detections,
                          "message": f"{len(boxes)} face(s) found" if boxes else "no face found"})
@@ -476,9 +532,11 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> list[dict]:
         try:
-            faces = wants_faces(params)
+            options = options_of(params)
             images = images_of(model_input, self.budget, self.channels)
-            return self.faces(images) if faces else self.records(self.classify(images))
+            if options.detect_faces:
+                return self.faces(images, options)
+            return self.records(*self.classify(images, options))
         except InputError:
             raise
         except Exception as e:  # a bug, not the client's mistake: 500, the traceback in the server's log only
