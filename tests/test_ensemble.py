@@ -26,8 +26,9 @@ def tiny_fer(fer_subset, **overrides) -> config.Config:
 
 
 def served_probs(model: CnnlabModel, images: np.ndarray) -> np.ndarray:
-    frame = model.predict(None, images)
-    return np.asarray(frame[[f"prob_{c}" for c in model.classes]], dtype=np.float64)
+    """The served model's raw probabilities (each member and the ensemble fit their own temperature)."""
+    records = model.predict(None, images, params={"calibrated": False})
+    return np.array([[r[f"prob_{c}"] for c in model.classes] for r in records], dtype=np.float64)
 
 
 def test_runs_as_one_tracked_registered_model_that_averages_their_probabilities(fer_subset, monkeypatch, tmp_path):
