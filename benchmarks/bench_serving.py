@@ -5,6 +5,7 @@
     MLFLOW_TRACKING_URI=... python benchmarks/bench_serving.py --model-uri models:/fer_cnn@champion
 
 Servers: `mlflow models serve` (1 worker) and `cnnlab serve` (1 and 2 workers, torch threads = cores / workers).
+In process also the params' costs (tta flip / tencrop, explain, uncalibrated) beside the plain answer.
 Targets (issue 12): one image p50 over HTTP within 1 ms of the trivial pyfunc and <= 0.5 ms in process; 8 clients x
 1,000 requests with 0 errors and p99 <= 50 ms; batches of 256 >= 2,000 images/s over HTTP; peak RSS growth <= 1 GB.
 """
@@ -165,6 +166,9 @@ def in_process(model_uri: str, data: dict[str, bytes], n: int) -> list[tuple]:
              256_000 / np.median(forward_batch), "the compute floor"),
             ("in process", "-", "fer_cnn", "pyfunc predict, 1 image", timed(lambda: model.predict(frame), n), None,
              "p50 <= 0.5 ms"),
+            *(("in process", "-", "fer_cnn", f"pyfunc predict, 1 image, params {params}",
+               timed(lambda: model.predict(frame, params=params), n // 4), None, "baseline: the row above")
+              for params in ({"tta": "flip"}, {"tta": "tencrop"}, {"explain": True}, {"calibrated": False})),
             ("in process", "-", "fer_cnn", "MLflow parse+predict+JSON, 1 image",
              timed(lambda: scoring_server.invocations(data["one"], "application/json", model, schema), n), None, "")]
     batch = timed(lambda: scoring_server.invocations(data["batch"], "application/json", model, schema), max(3, n // 50))
