@@ -371,7 +371,7 @@ def heatmap_png(heat: np.ndarray) -> str:
     """A 0-1 heat map as a grayscale PNG data URL."""
     import cv2
 
-    ok, png = cv2.imencode(".png", np.rint(np.clip(heat, 0, 1) * 255).astype(np.uint8))
+    _, png = cv2.imencode(".png", np.rint(np.clip(heat, 0, 1) * 255).astype(np.uint8))
     return "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
 
 
