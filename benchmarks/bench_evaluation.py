@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab import calibration, evaluation, models, stats  # noqa: E402
-from cnnlab.explain import explain  # noqa: E402
-from cnnlab.preprocess import Classifier, Preprocess  # noqa: E402
+from cnnlab.core import calibration, evaluation, models, stats  # noqa: E402
+from cnnlab.core.explain import explain  # noqa: E402
+from cnnlab.core.preprocess import Classifier, Preprocess  # noqa: E402
 
 N_TEST, N_VAL, CLASSES, RESAMPLES = 3589, 2871, 7, 2000
 

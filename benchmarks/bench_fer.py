@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, throughput_and_accuracy  # noqa: E402
 
-from cnnlab import pipeline  # noqa: E402
-from cnnlab.config import make_config  # noqa: E402
+from cnnlab.core import pipeline  # noqa: E402
+from cnnlab.core.config import make_config  # noqa: E402
 
 ROWS = [  # (row of src/cnnlab/claims.yaml, changes to it)
     ("fer_model1", {}),

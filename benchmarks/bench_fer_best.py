@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab import pipeline  # noqa: E402
-from cnnlab.config import make_config, parse_params  # noqa: E402
-from cnnlab.devices import device_name, resolve_device, resolve_precision  # noqa: E402
-from cnnlab.experiments import run  # noqa: E402
+from cnnlab.core import pipeline  # noqa: E402
+from cnnlab.core.config import make_config, parse_params  # noqa: E402
+from cnnlab.core.devices import device_name, resolve_device, resolve_precision  # noqa: E402
+from cnnlab.tracking.experiments import run  # noqa: E402
 
 CURVE_HEADER = ("epoch", "train min (cumulative)", "val acc", "val acc, trained weights (EMA runs)", "train img/s",
                 "lr")

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import compare, throughput_and_accuracy  # noqa: E402
 
-from cnnlab import pipeline  # noqa: E402
-from cnnlab.config import make_config  # noqa: E402
+from cnnlab.core import pipeline  # noqa: E402
+from cnnlab.core.config import make_config  # noqa: E402
 
 ROWS = [  # (row of src/cnnlab/claims.yaml, changes to it)
     ("fmnist_cnn", {}),
@@ -32,7 +32,7 @@ def plain_loader(batch_size: int):
     """torchvision's FashionMNIST dataset + ToTensor/Normalize + DataLoader, reading the same IDX files."""
     from torchvision import datasets, transforms
 
-    from cnnlab.data.fmnist import FILES, RELABEL_3, find_dir
+    from cnnlab.core.data.fmnist import FILES, RELABEL_3, find_dir
 
     root = Path(tempfile.mkdtemp()) / "FashionMNIST" / "raw"
     root.mkdir(parents=True)

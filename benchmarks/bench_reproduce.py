@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab import cli, data, pipeline  # noqa: E402
-from cnnlab.reproduce import imagenet_error, load_claims, report_path, row_config  # noqa: E402
-from cnnlab.training import fit  # noqa: E402
+from cnnlab import cli  # noqa: E402
+from cnnlab.core import data, pipeline
+from cnnlab.tracking.reproduce import imagenet_error, load_claims, report_path, row_config  # noqa: E402
+from cnnlab.core.training import fit  # noqa: E402
 
 PLAN_HEADER = ("row", "protocol", "model", "px", "batch", "train images", "epochs", "img per core-s", "per epoch",
                "whole row", "where")

@@ -28,7 +28,9 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from cnnlab.stack import ModelServer, status_kb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
 
 REPO = Path(__file__).resolve().parents[1]
 FER_DIR = Path(os.environ.get("FER2013_DIR", REPO.parent / "shared" / "data" / "fer2013"))
@@ -48,8 +50,8 @@ def models(root: Path, model_uri: str) -> tuple[str, str]:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     if not model_uri:
-        from cnnlab import registry
-        from cnnlab.experiments import make_config, run
+        from cnnlab.tracking import registry
+        from cnnlab.tracking.experiments import make_config, run
 
         cwd = os.getcwd()
         os.chdir(root)
@@ -246,7 +248,7 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     rows += in_process(fer, data, args.requests)
     load.append(Path("/proc/loadavg").read_text().split()[:3])
-    from cnnlab.serving import serving_precision
+    from cnnlab.serving.model import serving_precision
 
     cpu = next((li.split(":", 1)[1].strip() for li in Path("/proc/cpuinfo").read_text().splitlines()
                 if li.startswith("model name")), platform.processor())

@@ -21,10 +21,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import table  # noqa: E402
 
-from cnnlab import transfer  # noqa: E402
-from cnnlab.config import Config, make_config, parse_params  # noqa: E402
-from cnnlab.experiments import run  # noqa: E402
-from cnnlab.pipeline import load_data  # noqa: E402
+from cnnlab.tracking import transfer  # noqa: E402
+from cnnlab.core.config import Config, make_config, parse_params  # noqa: E402
+from cnnlab.tracking.experiments import run  # noqa: E402
+from cnnlab.core.pipeline import load_data  # noqa: E402
 
 HEADER = ("weights", "model.pt MiB", "model folder MiB", "serving", "test acc", "vs fp32 weights (points)",
           "same label", "max |dp|", "models in 60 MiB")

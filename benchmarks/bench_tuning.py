@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from cnnlab import compare, tuning
-from cnnlab.config import parse_params
-from cnnlab.reproduce import load_claims
+from cnnlab.tracking import compare, tuning
+from cnnlab.core.config import parse_params
+from cnnlab.tracking.reproduce import load_claims
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"limit": 300, "epochs": 2}

@@ -10,12 +10,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cnnlab.config import make_config
-from cnnlab.data import Split
-from cnnlab.devices import autocast
-from cnnlab.experiments import run
-from cnnlab.reproduce import load_claims
-from cnnlab.training import TrainConfig, fit
+from cnnlab.core.config import make_config
+from cnnlab.core.data import Split
+from cnnlab.core.devices import autocast
+from cnnlab.tracking.experiments import run
+from cnnlab.tracking.reproduce import load_claims
+from cnnlab.core.training import TrainConfig, fit
 
 ACCURACY_HEADER = ("experiment", "report", "test acc", "val acc", "train img/s", "train s", "run")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from cnnlab import devices
-from cnnlab.config import parse_params
+from cnnlab.core import devices
+from cnnlab.core.config import parse_params
 
 
 COLUMNS = {"val": "val_accuracy", "val raw": "val_accuracy_raw", "val TTA": "val_tta_accuracy",
@@ -37,8 +37,8 @@ def run_job(name: str, experiment: str, overrides: dict, out: Path, threads: int
             members: list[str] | None = None) -> dict:
     import torch
 
-    from cnnlab import devices, models, pipeline
-    from cnnlab.config import make_config
+    from cnnlab.core import devices, models, pipeline
+    from cnnlab.core.config import make_config
 
     torch.set_num_threads(threads)
     cfg = make_config(experiment, **overrides)
@@ -115,7 +115,7 @@ def rounds(jobs: dict, names: list[str], out: Path) -> list[list[str]]:
 
 def fit_epochs(jobs: dict, names: list[str], pool, args) -> None:
     """Time two epochs of every job side by side; lower each job's epochs to what fits in args.fit_seconds."""
-    from cnnlab.config import make_config
+    from cnnlab.core.config import make_config
 
     probe_dir = args.out / "probe"
     probe_dir.mkdir(exist_ok=True)

@@ -94,7 +94,7 @@ def tiny_study(tmp_path, fmnist_dir, team_stack):
     import yaml
 
     def write(name: str, n_trials: int, epochs: int = 1) -> dict:
-        from cnnlab import tuning
+        from cnnlab.tracking import tuning
 
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
@@ -169,8 +169,8 @@ def fer_champion(tmp_path_factory, fer_subset) -> str:
     import mlflow
     import torch
 
-    from cnnlab import registry
-    from cnnlab.experiments import make_config, run
+    from cnnlab.tracking import registry
+    from cnnlab.tracking.experiments import make_config, run
 
     root = tmp_path_factory.mktemp("fer_champion")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cnnlab.augment import batch_augment, cutmix, mixup, random_affine, random_erasing, tta_views
-from cnnlab.config import make_config
+from cnnlab.core.augment import batch_augment, cutmix, mixup, random_affine, random_erasing, tta_views
+from cnnlab.core.config import make_config
 
 
 def batch(n=16):

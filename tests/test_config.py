@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from cnnlab import cli, config, data
-from cnnlab.reproduce import load_claims
+from cnnlab import cli
+from cnnlab.core import config, data
+from cnnlab.tracking.reproduce import load_claims
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab.data import DataError, load_splits, stratified_split
-from cnnlab.data import fer2013, fmnist
+from cnnlab.core.data import DataError, load_splits, stratified_split
+from cnnlab.core.data import fer2013, fmnist
 
 
 def write_idx(path, array: np.ndarray, truncate: int = 0) -> None:

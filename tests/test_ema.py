@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import config, experiments, models, pipeline, tracking
-from cnnlab.augment import batch_augment
-from cnnlab.training import EMA, TrainConfig, make_optimizer, param_groups
+from cnnlab.core import config, models, pipeline
+from cnnlab.tracking import experiments, runs as tracking
+from cnnlab.core.augment import batch_augment
+from cnnlab.core.training import EMA, TrainConfig, make_optimizer, param_groups
 
 
 def bn_net() -> nn.Module:

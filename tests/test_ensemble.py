@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from cnnlab import config, experiments, models, pipeline, registry, tracking
-from cnnlab.augment import tta_probabilities
-from cnnlab.serving import CnnlabModel
-from cnnlab.training import predict
+from cnnlab.core import config, models, pipeline
+from cnnlab.tracking import experiments, registry, runs as tracking
+from cnnlab.core.augment import tta_probabilities
+from cnnlab.serving.model import CnnlabModel
+from cnnlab.core.training import predict
 from conftest import REPO
 
 

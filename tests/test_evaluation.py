@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
-from cnnlab import calibration, evaluation, models, stats
-from cnnlab.explain import ExplainUnavailable, explain
-from cnnlab.preprocess import Classifier, Preprocess
+from cnnlab.core import calibration, evaluation, models, stats
+from cnnlab.core.explain import ExplainUnavailable, explain
+from cnnlab.core.preprocess import Classifier, Preprocess
 
 
 def noisy_predictions(n: int, n_classes: int, right: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -277,7 +277,7 @@ def test_a_bad_predictions_file_is_named_with_what_is_wrong(tmp_path, text, mess
 # --- cnnlab compare on real tracked runs ---------------------------------------------------------------------------
 
 def test_check_same_images_refuses_other_datasets_and_classes():
-    from cnnlab.compare import check_same_images
+    from cnnlab.tracking.compare import check_same_images
 
     base = {"run_id": "a", "dataset_digest": "d1", "classes": ["x", "y"], "labels": np.array([0, 1]),
             "digests": None}
@@ -293,7 +293,7 @@ def test_cnnlab_compare_two_tracked_runs(fmnist_dir, capsys):
     import mlflow
 
     from cnnlab.cli import main
-    from cnnlab.experiments import make_config, run
+    from cnnlab.tracking.experiments import make_config, run
 
     common = dict(epochs=1, limit=300, data_dir=str(fmnist_dir), log_model=False)
     cnn = run(make_config("fmnist_cnn", **common))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cnnlab.experiments import make_config, run
+from cnnlab.tracking.experiments import make_config, run
 from conftest import REPO
 
 
@@ -48,7 +48,7 @@ def test_fmnist_run_logs_config_data_metrics_artifacts_and_model(fmnist_dir):
 
 
 def make_fmnist_pixels(fmnist_dir):
-    from cnnlab.data import fmnist
+    from cnnlab.core.data import fmnist
     return fmnist.read_idx(fmnist_dir / "t10k-images-idx3-ubyte.gz")[:5]
 
 

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from cnnlab.experiments import make_config, run
+from cnnlab.tracking.experiments import make_config, run
 
 pytestmark = pytest.mark.services
 FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # no minutes of retries

@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 HANG = textwrap.dedent("""
     import signal, sys, time
     import numpy as np
-    from cnnlab import models, tracking
-    from cnnlab.preprocess import Classifier, Preprocess
+    from cnnlab.core import models
+    from cnnlab.tracking import runs as tracking
+    from cnnlab.core.preprocess import Classifier, Preprocess
     if sys.argv[1] == "deaf":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     tracking.init_tracking("hang")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cnnlab import models
-from cnnlab.preprocess import Classifier, Preprocess
+from cnnlab.core import models
+from cnnlab.core.preprocess import Classifier, Preprocess
 
 
 @pytest.mark.parametrize("name, kwargs, size, classes", [

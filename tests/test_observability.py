@@ -12,10 +12,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cnnlab import cli, config, tracking
-from cnnlab.data import fer2013
+from cnnlab import cli
+from cnnlab.core import config
+from cnnlab.tracking import runs as tracking
+from cnnlab.core.data import fer2013
 
-EPOCH = re.compile(r"INFO cnnlab\.training: epoch (\d+)/(\d+) \| train loss [\d.]+ acc [\d.]+ \| val loss [\d.]+ "
+EPOCH = re.compile(r"INFO cnnlab\.core\.training: epoch (\d+)/(\d+) \| train loss [\d.]+ acc [\d.]+ \| val loss [\d.]+ "
                    r"acc [\d.]+ \| lr [\d.e+-]+ \| [\d,]+ img/s \| \d+:\d\d elapsed, ETA \d+:\d\d$")
 
 
@@ -71,7 +73,7 @@ def test_first_fer2013_decode_reports_progress_then_the_cache_is_quiet(fer_subse
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
     caplog.set_level("INFO", logger="cnnlab")
     fer2013.load(str(fer_subset), on_bad="error", test_split="public")
-    lines = [r.getMessage() for r in caplog.records if r.name == "cnnlab.logs" and "decoding train/" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "cnnlab.core.logs" and "decoding train/" in r.getMessage()]
     assert len(lines) == 10 and lines[-1].startswith("FER2013: decoding train/: 100% (280/280) in ")  # every 10%
     caplog.clear()
     fer2013.load(str(fer_subset), on_bad="error", test_split="public")

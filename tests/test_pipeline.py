@@ -13,11 +13,12 @@ import torch
 from mlflow import MlflowClient
 from torch import nn
 
-from cnnlab import calibration, config, experiments, models, pipeline
-from cnnlab.augment import batch_augment, random_affine
-from cnnlab.data import Split, register_dataset
-from cnnlab.preprocess import Preprocess
-from cnnlab.training import Checkpoint, TrainConfig, fit
+from cnnlab.core import calibration, config, models, pipeline
+from cnnlab.tracking import experiments
+from cnnlab.core.augment import batch_augment, random_affine
+from cnnlab.core.data import Split, register_dataset
+from cnnlab.core.preprocess import Preprocess
+from cnnlab.core.training import Checkpoint, TrainConfig, fit
 from test_data import make_fmnist
 
 COLORS = ["red", "green", "blue"]
@@ -125,7 +126,7 @@ def test_a_checkpoint_of_other_settings_or_corrupt_is_discarded(toy_experiment, 
     cfg, split = TrainConfig(epochs=1, batch_size=64, device="cpu"), trained.splits["train"]
     fit(trained.model, split, None, cfg, checkpoint=Checkpoint(tmp_path / "a.pt", {"dataset_digest": "A"}))
     other = Checkpoint(tmp_path / "a.pt", {"dataset_digest": "B"})
-    with caplog.at_level(logging.WARNING, logger="cnnlab.training"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):
         assert other.load() is None
         assert not other.path.exists() and "belongs to {'dataset_digest': 'A'}" in caplog.text
         other.path.write_bytes(b"half a checkpoint")
@@ -150,7 +151,7 @@ def test_a_run_on_changed_data_never_resumes_the_old_checkpoint(fmnist_dir, tmp_
     other_data = tmp_path / "other"  # same config (data_dir is not part of it), other files
     other_data.mkdir()
     make_fmnist(other_data, n_train=400, n_test=100)
-    with caplog.at_level(logging.WARNING, logger="cnnlab.training"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):
         result = experiments.run(dataclasses.replace(cfg, data_dir=str(other_data)))
     assert "discarding checkpoint" in caplog.text and crashed.data.tags["dataset_digest"] in caplog.text
     assert result["run_id"] != crashed.info.run_id
@@ -164,7 +165,7 @@ def test_a_corrupt_checkpoint_does_not_trap_reruns(fmnist_dir, caplog):
         experiments.run(cfg, on_epoch_end=crash_after_first_epoch)
     (last,) = experiments.CHECKPOINT_ROOT.glob("*/last.pt")
     last.write_bytes(last.read_bytes()[:1000])  # a disk filled up mid-write, say
-    with caplog.at_level(logging.WARNING, logger="cnnlab.training"):
+    with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):
         result = experiments.run(cfg)
     assert "unreadable" in caplog.text and mlflow.get_run(result["run_id"]).info.status == "FINISHED"
     assert [m.step for m in MlflowClient().get_metric_history(result["run_id"], "train_loss")] == [1, 2]

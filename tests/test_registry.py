@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from cnnlab import cli, evaluation, models, registry, tracking
-from cnnlab.preprocess import Classifier, Preprocess
+from cnnlab import cli
+from cnnlab.core import evaluation, models
+from cnnlab.tracking import registry, runs as tracking
+from cnnlab.core.preprocess import Classifier, Preprocess
 
 SPEC = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
 

@@ -7,7 +7,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from cnnlab import cli, reproduce
+from cnnlab import cli
+from cnnlab.tracking import reproduce
 
 TINY = {"limit": 60}
 COLUMN = {name: i for i, name in enumerate(reproduce.COLUMNS)}

@@ -22,16 +22,18 @@ import pytest
 import requests
 import torch
 
-from cnnlab import registry, serving
-from cnnlab.data.fer2013 import decode_gray
-from cnnlab.experiments import make_config, run
-from cnnlab.calibration import calibrate
-from cnnlab.serving import CnnlabModel, InputError
-from cnnlab.stack import ModelServer, status_kb
+from cnnlab.tracking import registry
+from cnnlab.serving import model as serving
+from cnnlab.core.data.fer2013 import decode_gray
+from cnnlab.tracking.experiments import make_config, run
+from cnnlab.core.calibration import calibrate
+from cnnlab.serving.model import CnnlabModel, InputError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "serving" / "samples"
 sys.path.insert(0, str(REPO / "serving"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
 import client  # serving/client.py, the CLI under test
 
 JSON = "application/json"
@@ -147,9 +149,9 @@ def test_base64_fer_images_match_in_process(served):
 
 def test_decoded_exactly_as_in_training(trained, fer_subset, monkeypatch):
     """fp32 serving of the test JPEGs == the trained Classifier on the training loader's own pixels."""
-    from cnnlab.data import fer2013
-    from cnnlab.models import from_bundle
-    from cnnlab.training import predict
+    from cnnlab.core.data import fer2013
+    from cnnlab.core.models import from_bundle
+    from cnnlab.core.training import predict
 
     files = sorted(fer_subset.glob("test/*/*.jpg"))  # the loader's order: class folders, then file names
     _, test = fer2013.load(str(fer_subset))
@@ -172,9 +174,9 @@ def test_decoded_exactly_as_in_training(trained, fer_subset, monkeypatch):
 
 def test_tta_and_explain_params(trained, fer_subset, monkeypatch):
     """params.tta averages the views as evaluation does; params.explain adds a Grad-CAM PNG of each image's size."""
-    from cnnlab.augment import tta_probabilities
-    from cnnlab.data import fer2013
-    from cnnlab.models import from_bundle
+    from cnnlab.core.augment import tta_probabilities
+    from cnnlab.core.data import fer2013
+    from cnnlab.core.models import from_bundle
 
     monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "fp32")
     _, test = fer2013.load(str(fer_subset))
@@ -202,8 +204,8 @@ def test_tta_and_explain_params(trained, fer_subset, monkeypatch):
 
 def test_explain_unavailable_is_a_client_error():
     """A net without a convolutional feature map (the MLP) cannot be explained: a 400 naming why, not a 500."""
-    from cnnlab.models import create
-    from cnnlab.preprocess import Classifier, Preprocess
+    from cnnlab.core.models import create
+    from cnnlab.core.preprocess import Classifier, Preprocess
 
     clf = Classifier(Preprocess(0.5, 0.25, 28), create("mlp", num_classes=3)).eval()
     model = CnnlabModel.from_classifier(clf, ["a", "b", "c"])
@@ -380,8 +382,8 @@ def test_faces_from_many_threads_at_once(trained):
 
 def test_color_model_decodes_rgb(tmp_path):
     """A model trained on RGB images (bundle key image_channels=3) gets channel-first RGB, as its training had."""
-    from cnnlab.models import create
-    from cnnlab.preprocess import Classifier, Preprocess
+    from cnnlab.core.models import create
+    from cnnlab.core.preprocess import Classifier, Preprocess
 
     torch.manual_seed(0)
     clf = Classifier(Preprocess(0.5, 0.25, 48, channels=3), create("fer_cnn", num_classes=7, in_chans=3)).eval()
@@ -417,11 +419,11 @@ if __name__ == "__main__":
         sys.path = [p for p in sys.path if not (Path(p or ".") / "cnnlab" / "__init__.py").exists()]
     import mlflow
     model = mlflow.pyfunc.load_model({trained.uri!r})
-    import cnnlab.serving
+    import cnnlab.serving.model
     answer = model.predict({{"image": [{b64(trained.files[0].read_bytes())!r}]}})
     with multiprocessing.get_context("spawn").Pool(1) as pool:  # a worker inherits this sys.path
         child = pool.apply(eval, (WHERE,))
-    print(json.dumps({{"here": str(Path(cnnlab.serving.__file__).parent), "child": child,
+    print(json.dumps({{"here": str(Path(cnnlab.serving.model.__file__).parents[1]), "child": child,
                       "label": answer[0]["label"]}}))
 """)
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri}
@@ -431,7 +433,7 @@ if __name__ == "__main__":
                               cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    installed = str(Path(serving.__file__).resolve().parent)
+    installed = str(Path(serving.__file__).resolve().parents[1])
     assert out["installed"]["here"] == out["installed"]["child"] == installed
     copy = out["without-cnnlab"]["here"]
     assert copy.endswith("/artifacts/code/cnnlab") and out["without-cnnlab"]["child"] == copy
@@ -649,7 +651,7 @@ def test_no_delay_on_every_connection():
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
-    from cnnlab.serve import NoDelayH11
+    from cnnlab.serving.guard import NoDelayH11
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:  # proto 0, as uvicorn binds it
         listener.bind(("127.0.0.1", 0))
@@ -694,7 +696,7 @@ def test_guard_body_limit_and_time_out(strict):
 
 def test_guard_json_check():
     """The guard finds what Python's json fails on with RecursionError or ValueError, and nothing inside strings."""
-    from cnnlab.serve import json_problem
+    from cnnlab.serving.guard import json_problem
 
     assert json_problem(b'{"inputs": [[[1, 2]]]}', 32) is None
     assert json_problem(b'{"a": "' + b"[" * 10_000 + b'"}', 32) is None  # brackets inside a string

@@ -10,6 +10,7 @@ import socket
 import ssl
 import stat
 import tempfile
+import sys
 from pathlib import Path
 
 import mlflow
@@ -22,10 +23,15 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from cnnlab import cli, registry, tuning
-from cnnlab.experiments import make_config, run
-from cnnlab.stack import (PG_BIN, SERVER_ENV, MlflowServer, ModelServer, Postgres, SeaweedFS, docker_secrets,
-                          free_port, pgpass_password, read_env_file)
+from cnnlab import cli
+from cnnlab.tracking import registry, tuning
+from cnnlab.tracking.experiments import make_config, run
+from cnnlab.stack import PG_BIN, SERVER_ENV, MlflowServer, Postgres, SeaweedFS, docker_secrets, read_env_file
+from cnnlab.stack.secrets import pgpass_password
+from cnnlab.stack.supervisor import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from servers import ModelServer  # noqa: E402 - benchmarks/servers.py
 
 REPO = Path(__file__).resolve().parents[1]
 services = pytest.mark.services

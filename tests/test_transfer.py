@@ -13,8 +13,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from cnnlab import cli, experiments, tracking, transfer
-from cnnlab.data import load_splits
+from cnnlab import cli
+from cnnlab.tracking import experiments, runs as tracking, transfer
+from cnnlab.core.data import load_splits
 
 PARAMS = {"epochs": 1, "limit": 300, "eval_batch_size": 256}
 

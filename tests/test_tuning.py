@@ -18,7 +18,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from cnnlab import cli, config, tuning
+from cnnlab import cli
+from cnnlab.core import config
+from cnnlab.tracking import tuning
 
 SMALL = {"epochs": 1, "limit": 200}  # 200 train / 50 val / 50 test images of 3 Fashion-MNIST classes
 

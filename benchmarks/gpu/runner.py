@@ -96,7 +96,7 @@ def preflight(root: Path) -> str:
     mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates the schema once, copied per job
     optuna.create_study(storage=f"sqlite:///{root / 'preflight-optuna.db'}").optimize(lambda t: t.suggest_float("x", 0, 1), 1)
     if os.environ.get("FER2013_DIR"):
-        from cnnlab.data import load_splits
+        from cnnlab.core.data import load_splits
         load_splits("fer2013")  # decode once into the cache that every job reads
     return line
 
@@ -198,7 +198,7 @@ def settle_runs(job: Job) -> None:
 def export(jobs: list[Job], folder: Path, weights_dtype: str, max_bytes: int) -> list[str]:
     """Every job's store into one export folder. Models are kept in job-list order (then in the order they were
     logged) while they fit in max_bytes; the rest are left out, and their runs say so."""
-    from cnnlab import transfer
+    from cnnlab.tracking import transfer
 
     for job in jobs:
         if job.runs:
@@ -278,7 +278,7 @@ def main() -> None:
     run_all(jobs, parallel, began + args.deadline, args.grace, dict(os.environ))
     for job in jobs:
         settle_runs(job)
-    from cnnlab import transfer
+    from cnnlab.tracking import transfer
 
     args.out.mkdir(parents=True, exist_ok=True)
     pack_logs(jobs, args.out)

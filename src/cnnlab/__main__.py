@@ -1,3 +1,3 @@
-from .cli import main
+from cnnlab.cli import main
 
 raise SystemExit(main())

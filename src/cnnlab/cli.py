@@ -26,7 +26,7 @@ class _Parser(argparse.ArgumentParser):
 def _argument(kind: str, least: int | None = None):
     """An argparse type from the config's value parser: a bool, or a count of at least `least`."""
     def parse(text: str):
-        from .config import parse_text
+        from cnnlab.core.config import parse_text
 
         try:
             value = parse_text(kind, text)
@@ -39,13 +39,13 @@ def _argument(kind: str, least: int | None = None):
 
 
 def cmd_train(args) -> int:
-    from .config import make_config, parse_params
+    from cnnlab.core.config import make_config, parse_params
 
     cfg = make_config(args.experiment, **parse_params(args.param))
     if args.show_config:
         print(show_config(cfg))
         return 0
-    from .experiments import run
+    from cnnlab.tracking.experiments import run
 
     print(json.dumps(run(cfg), indent=2))
     return 0
@@ -59,7 +59,7 @@ def show_config(cfg) -> str:
     """Every field of `cfg`: value (* where it differs from the experiment's default), type and allowed values."""
     from dataclasses import asdict
 
-    from .config import allowed_values, field_types, make_config
+    from cnnlab.core.config import allowed_values, field_types, make_config
 
     preset, types, allowed = asdict(make_config(cfg.experiment)), field_types(), allowed_values()
     rows = [("field", "value", "type", "allowed"), *(
@@ -70,7 +70,7 @@ def show_config(cfg) -> str:
 def cmd_experiments(args) -> int:
     from dataclasses import asdict
 
-    from .config import PRESETS, allowed_values, field_types, make_config
+    from cnnlab.core.config import PRESETS, allowed_values, field_types, make_config
 
     configs = {name: asdict(make_config(name)) for name in PRESETS}
     types, allowed = field_types(), allowed_values()
@@ -88,8 +88,8 @@ def _table(rows: list[tuple]) -> str:
 
 
 def cmd_ensemble(args) -> int:
-    from .config import parse_params
-    from .experiments import ensemble
+    from cnnlab.core.config import parse_params
+    from cnnlab.tracking.experiments import ensemble
 
     result = ensemble(args.runs, args.name, parse_params(args.param))
     print(json.dumps(result, indent=2))
@@ -99,8 +99,8 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .config import parse_params
-    from .reproduce import reproduce
+    from cnnlab.core.config import parse_params
+    from cnnlab.tracking.reproduce import reproduce
 
     only = [name for item in args.only for name in item.split(",") if name]
     result = reproduce(quick=args.quick, only=only, overrides=parse_params(args.param), out=args.out)
@@ -109,7 +109,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from .stack import Stack, docker_secrets
+    from cnnlab.stack import Stack, docker_secrets
 
     stack = Stack(args.root, mlflow_port=args.mlflow_port, s3_port=args.s3_port, pg_port=args.pg_port,
                   workers=args.workers, host=args.host)
@@ -130,7 +130,7 @@ def cmd_stack(args) -> int:
 
 
 def cmd_stack_user(args) -> int:
-    from .stack import Stack
+    from cnnlab.stack import Stack
 
     stack = Stack(args.root)
     if args.tracking_uri:
@@ -152,7 +152,7 @@ def cmd_stack_user(args) -> int:
 
 
 def cmd_register(args) -> int:
-    from .registry import register
+    from cnnlab.tracking.registry import register
 
     result = register(args.experiment or None, args.study or None, args.name or None)
     print(json.dumps(result, indent=2))
@@ -161,8 +161,8 @@ def cmd_register(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .config import parse_params
-    from .tuning import load_spec, tune
+    from cnnlab.core.config import parse_params
+    from cnnlab.tracking.tuning import load_spec, tune
 
     params = parse_params(args.param + args.params.split())
     spec = load_spec(args.space, params, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials)
@@ -171,7 +171,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve import serve
+    from cnnlab.serving.guard import serve
 
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
           timeout=args.timeout)
@@ -179,7 +179,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import serve
+    from cnnlab.serving.demo import serve
 
     serve(args.model_url, host=args.host, port=args.port, max_body_mb=args.max_body_mb)
     return 0
@@ -225,9 +225,9 @@ def _entry_point(name: str, defaults: dict, command: str) -> list[str]:
 
 def mlproject() -> str:
     """The MLproject file: one entry point per preset (its parameters and defaults), then the other commands."""
-    from .config import PRESETS, RUN_PARAMS, make_config
+    from cnnlab.core.config import PRESETS, RUN_PARAMS, make_config
 
-    lines = ["# Generated from the presets in src/cnnlab/config.py: python -m cnnlab mlproject > MLproject",
+    lines = ["# Generated from the presets in src/cnnlab/core/config.py: python -m cnnlab mlproject > MLproject",
              "name: cnnlab", "", "conda_env: conda.yaml", "", "entry_points:"]
     for name, preset in PRESETS.items():
         cfg = make_config(name)
@@ -242,8 +242,8 @@ def mlproject() -> str:
 
 def _train_epilog() -> str:
     """The experiments, and each dataset's options (-P NAME=VALUE), from the presets and the dataset registry."""
-    from . import data
-    from .config import PRESETS
+    from cnnlab.core import data
+    from cnnlab.core.config import PRESETS
 
     lines = ["experiments:", *(f"  {name:14} {preset.summary}" for name, preset in PRESETS.items()),
              "datasets (-P dataset=NAME) and their options:"]
@@ -254,7 +254,7 @@ def _train_epilog() -> str:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from cnnlab.tracking.compare import compare
 
     options = {"n_resamples": args.resamples, "seed": args.seed, "alpha": args.alpha}
     result = compare(args.run_a, args.run_b, args.split, **{k: v for k, v in options.items() if v is not None})
@@ -266,7 +266,7 @@ def cmd_compare(args) -> int:
 def cmd_runs(args) -> int:
     from pathlib import Path
 
-    from . import transfer
+    from cnnlab.tracking import transfer
 
     if args.action == "export":
         folder = Path(args.dest)
@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import logs
+    from cnnlab.core import logs
 
     logs.setup(-1 if args.quiet else args.verbose, args.log_file)
     try:
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         mlflow_errors = sys.modules.get("mlflow.exceptions")  # not imported: not MLflow's error (cnnlab stack stays fast)
         denied = None
         if mlflow_errors and isinstance(e, mlflow_errors.MlflowException):
-            from .tracking import access_error
+            from cnnlab.tracking.runs import access_error
             denied = access_error(f"{e.error_code} {e}")
         if denied is None:
             raise

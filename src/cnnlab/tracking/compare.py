@@ -8,8 +8,9 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from . import stats, tracking
-from .evaluation import read_predictions
+from cnnlab.core import stats
+from cnnlab.tracking import runs
+from cnnlab.core.evaluation import read_predictions
 
 
 def predictions_path(split: str = "test") -> str:
@@ -61,7 +62,7 @@ def compare(run_a: str, run_b: str, split: str = "test", n_resamples: int = stat
     """Paired comparison of run B against run A on `split`: accuracies, B - A with its bootstrap interval, McNemar."""
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    tracking.init_tracking()
+    runs.init_tracking()
     a, b = run_predictions(run_a, split), run_predictions(run_b, split)
     check_same_images(a, b)
     result = stats.paired_comparison(a["labels"], a["predicted"], b["predicted"], n_resamples, seed)

@@ -5,7 +5,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from . import compare, tracking
+from cnnlab.tracking import compare, runs
 
 METRIC = "val_accuracy"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -23,10 +23,10 @@ def best_run(experiment: str | None = None, study: str | None = None):
     """The FINISHED run with the highest validation accuracy that has a logged model, and that model."""
     if not experiment and not study:
         raise ValueError("give an experiment, a study, or both")
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=candidate_filter(experiment, study),
+    candidates = mlflow.search_runs(search_all_experiments=True, filter_string=candidate_filter(experiment, study),
                               order_by=[f"metrics.{METRIC} DESC", "attributes.start_time ASC"], output_format="list")
-    for run in runs:
-        logged = tracking.logged_model(run)
+    for run in candidates:
+        logged = runs.logged_model(run)
         if logged:
             return run, logged
     what = " and ".join(f"{k} {v!r}" for k, v in (("experiment", experiment), ("study", study)) if v)
@@ -64,7 +64,7 @@ def choose_alias(tags: dict[str, str], current) -> tuple[str, str]:
 
 def register(experiment: str | None = None, study: str | None = None, name: str | None = None) -> dict:
     """Register the best run as a new version of `name` (default: the run's experiment tag) and set its alias."""
-    tracking.init_tracking()
+    runs.init_tracking()
     run, logged = best_run(experiment, study)
     name = name or run.data.tags.get("experiment") or experiment
     client = MlflowClient()

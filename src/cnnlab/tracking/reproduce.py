@@ -23,8 +23,9 @@ import mlflow
 import yaml
 from markupsafe import Markup, escape
 
-from . import compare, experiments, models, pipeline, stats, tracking
-from .config import Config, make_config, parse_value
+from cnnlab.tracking import compare, experiments, runs
+from cnnlab.core import models, pipeline, stats
+from cnnlab.core.config import Config, make_config, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -198,16 +199,16 @@ def row_config(row: Row, quick: bool, overrides: dict) -> Config:
 
 def find_finished(cfg: Config) -> str | None:
     """A FINISHED run with this config digest, data digest and git commit, whose metrics stand in for a new one."""
-    commit = tracking.git_info()["git_commit"]
+    commit = runs.git_info()["git_commit"]
     if commit == "unknown":
         return None
     digest = pipeline.load_data(cfg)["train"].digest  # decoding is cached: this costs a file scan, not a decode
     query = (f"tags.config_digest = '{cfg.digest()}' and tags.dataset_digest = '{digest}' "
              f"and tags.git_commit = '{commit}' and attributes.status = 'FINISHED'")
-    runs = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list",
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=query, output_format="list",
                               order_by=["attributes.start_time DESC"])
-    runs = [r for r in runs if "test_accuracy" in r.data.metrics]
-    return runs[0].info.run_id if runs else None
+    found = [r for r in found if "test_accuracy" in r.data.metrics]
+    return found[0].info.run_id if found else None
 
 
 @functools.cache
@@ -272,10 +273,10 @@ def reproduce(quick: bool = False, only: list[str] | None = None, overrides: dic
     entries = select(load_claims(claims), list(only or []))
     overrides = dict(overrides or {})
     configs = {r.name: row_config(r, quick, overrides) for e in entries for r in e.rows}  # all checked up front
-    git = tracking.git_info()
-    uri = tracking.init_tracking("reproduce")
+    git = runs.git_info()
+    uri = runs.init_tracking("reproduce")
     t0 = time.perf_counter()
-    with tracking.tracked_run("reproduce-quick" if quick else "reproduce",
+    with runs.tracked_run("reproduce-quick" if quick else "reproduce",
                               tags={"experiment": "reproduce", **git}) as parent:
         params = {"quick": quick, "only": ",".join(only or []), "overrides": json.dumps(overrides, sort_keys=True),
                   "rows": len(configs)}
@@ -459,7 +460,7 @@ def _header(meta: dict) -> str:
 
 @functools.cache
 def _templates() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cnnlab"), undefined=jinja2.StrictUndefined,
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cnnlab.tracking"), undefined=jinja2.StrictUndefined,
                              autoescape=jinja2.select_autoescape(["html.j2"]), trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
     env.filters.update(md_cell=_md_cell, html_cell=_html_cell, prose=_prose)

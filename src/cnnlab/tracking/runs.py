@@ -16,8 +16,8 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT, MLFLOW_RUN_NAME
 
-from . import logs
-from .data import Split
+from cnnlab.core import logs
+from cnnlab.core.data import Split
 
 logs.adopt("mlflow", "alembic")  # MLflow's log records through the CLI's handlers
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -204,7 +204,7 @@ def _quiet_model_logging():
 
 def log_model(classifier, spec: dict, classes: list[str], example, step: int = 0) -> str:
     """Log the classifier as the cnnlab pyfunc; returns the logged model's id."""
-    from .models import bundle
+    from cnnlab.core.models import bundle
 
     return log_bundle(bundle(classifier, spec, classes), example, step)
 
@@ -215,7 +215,7 @@ def log_bundle(data: dict, example, step: int = 0) -> str:
     import torch
 
     with _quiet_model_logging(), tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
-        from . import serving  # defining its PythonModel draws the type-hint advice
+        from cnnlab import serving  # defining its PythonModel draws the type-hint advice
 
         path = Path(tmp) / "model.pt"
         torch.save(data, path)
@@ -239,7 +239,7 @@ def load_bundle(ref: str) -> dict:
     A single model's bundle gets `source`, the run (or file) it came from, so ensembles can name their members."""
     from mlflow.models import get_model_info
 
-    from .models import read_bundle
+    from cnnlab.core.models import read_bundle
 
     if Path(ref).is_file():
         return read_bundle(ref)

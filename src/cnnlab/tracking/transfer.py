@@ -24,7 +24,7 @@ from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelInput, 
                              RunTag, ViewType)
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from . import tracking
+from cnnlab.tracking import runs
 
 FORMAT = "cnnlab-runs"
 MANIFEST = "manifest.json"
@@ -41,7 +41,7 @@ def export_runs(dest: Path, tracking_uri: str | None = None, experiments: list[s
     manifest. An existing export in `dest` is extended, so several stores can go into one folder."""
     if weights_dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype must be one of {list(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
-    client = MlflowClient(tracking_uri or tracking.init_tracking())
+    client = MlflowClient(tracking_uri or runs.init_tracking())
     exps = _experiments(client, experiments)
     manifest = read_manifest(dest) if (dest / MANIFEST).exists() else {
         "format": FORMAT, "version": 1, "runs": {}, "models": {}}
@@ -77,14 +77,14 @@ def _experiments(client: MlflowClient, names: list[str] | None) -> list:
 
 
 def _all_runs(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list:
-    runs, token = [], None
+    found, token = [], None
     while experiment_ids:
         page = client.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        runs += page
+        found += page
         token = page.token
         if not token:
             break
-    return runs
+    return found
 
 
 def _all_models(client: MlflowClient, experiment_ids: list[str]) -> list:
@@ -252,7 +252,7 @@ def import_runs(source: Path, experiment: str | None = None, tracking_uri: str |
     with tempfile.TemporaryDirectory(prefix="cnnlab-import-") as tmp:
         folder = source if (source.is_dir() and (source / MANIFEST).exists()) else unpack(source, Path(tmp))
         manifest = read_manifest(folder)
-        client = MlflowClient(tracking_uri or tracking.init_tracking())
+        client = MlflowClient(tracking_uri or runs.init_tracking())
         return _import(client, folder, manifest, experiment)
 
 
@@ -281,13 +281,13 @@ def _previous_imports(client: MlflowClient) -> dict:
     return {r.data.tags[IMPORTED_FROM]: r for r in _all_runs(client, exps, f"tags.{IMPORTED_FROM} LIKE '%'")}
 
 
-def _parents_first(runs: dict) -> list[dict]:
+def _parents_first(records: dict) -> list[dict]:
     def depth(record: dict) -> int:
         parent, seen = record["tags"].get(MLFLOW_PARENT_RUN_ID), 0
-        while parent in runs and seen < len(runs):
-            parent, seen = runs[parent]["tags"].get(MLFLOW_PARENT_RUN_ID), seen + 1
+        while parent in records and seen < len(records):
+            parent, seen = records[parent]["tags"].get(MLFLOW_PARENT_RUN_ID), seen + 1
         return seen
-    return sorted(runs.values(), key=lambda r: (depth(r), r["start_time"] or 0))
+    return sorted(records.values(), key=lambda r: (depth(r), r["start_time"] or 0))
 
 
 def _delete_run(client: MlflowClient, run_id: str) -> None:

@@ -23,10 +23,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from .augment import TTA, tta_views
-from .calibration import calibrate
-from .data import DataError
-from .data.fer2013 import decode_gray
+from cnnlab.core.augment import TTA, tta_views
+from cnnlab.core.calibration import calibrate
+from cnnlab.core.data import DataError
+from cnnlab.core.data.fer2013 import decode_gray
 
 COLUMN = "image"
 BATCH = 256  # images per forward pass
@@ -105,7 +105,7 @@ def package_copy(dest: Path) -> str:
     namespace portion, so an installed cnnlab stays the one imported (here and in spawned workers) and the copy is
     imported only where cnnlab is not installed (`mlflow models serve` in a fresh environment).
     """
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
 
     def skip(folder: str, names: list[str]) -> list[str]:
         return [n for n in names if n == "__pycache__" or (n == "__init__.py" and Path(folder) == package)]
@@ -381,7 +381,7 @@ def serving_precision() -> str:
     if choice not in ("auto", "fp32", "bf16"):
         raise ValueError(f"CNNLAB_SERVING_PRECISION must be auto, fp32 or bf16, got {choice!r}")
     if choice == "auto":
-        from .devices import cpu_has_bf16
+        from cnnlab.core.devices import cpu_has_bf16
 
         return "bf16" if cpu_has_bf16() else "fp32"
     return choice
@@ -440,7 +440,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         return model
 
     def _load(self, path) -> None:
-        from .models import from_bundle
+        from cnnlab.core.models import from_bundle
 
         data = torch.load(path, map_location="cpu", weights_only=True)  # tensors, dicts, strings: no code runs
         self._setup(from_bundle(data), data["classes"], int(data["preprocess"].get("image_channels", 1)),
@@ -478,8 +478,8 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         """Grad-CAM of each image's `targets` class, from an fp32 copy of the model (Grad-CAM needs fp32 and grads)."""
         import copy
 
-        from .explain import explain
-        from .models import MemberAverage
+        from cnnlab.core.explain import explain
+        from cnnlab.core.models import MemberAverage
 
         if isinstance(self.classifier.net, MemberAverage):
             raise InputError("params.explain: an ensemble has no one feature map to explain; explain a member")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import logs
-from .augment import view_probabilities
-from .data import Split
-from .devices import PRECISIONS, autocast, prefers_channels_last, resolve_device, resolve_precision
+from cnnlab.core import logs
+from cnnlab.core.augment import view_probabilities
+from cnnlab.core.data import Split
+from cnnlab.core.devices import PRECISIONS, autocast, prefers_channels_last, resolve_device, resolve_precision
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "cosine", "plateau")

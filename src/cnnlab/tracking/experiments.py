@@ -14,9 +14,10 @@ from typing import Callable
 
 import mlflow
 
-from . import data, models, pipeline, tracking
-from .config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
-from .training import Checkpoint
+from cnnlab.core import data, models, pipeline
+from cnnlab.tracking import runs
+from cnnlab.core.config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
+from cnnlab.core.training import Checkpoint
 
 CHECKPOINT_ROOT = Path(".cnnlab") / "checkpoints"
 # per evaluated split, on the logged model (with the split as its dataset): what the Models view lists and ranks by
@@ -35,13 +36,13 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
     A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
     resumes the same MLflow run at the next epoch.
     """
-    tracking.init_tracking(cfg.experiment)
+    runs.init_tracking(cfg.experiment)
     ckpt_dir = _checkpoint_dir(cfg)
     previous = None if nested else _interrupted_run(ckpt_dir, cfg)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or cfg.label()
-    with tracking.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment},
-                              monitor=True) as active, tracking.run_log(active.info.run_id):
+    with runs.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment},
+                              monitor=True) as active, runs.run_log(active.info.run_id):
         log.info("run %s (%s) in experiment %s", active.info.run_id, name, active.info.experiment_id)
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint
@@ -49,7 +50,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
-        trained = pipeline.prepare(cfg, load_bundle=tracking.load_bundle)
+        trained = pipeline.prepare(cfg, load_bundle=runs.load_bundle)
         datasets = _log_data(trained)
         _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
 
@@ -61,7 +62,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         results = _evaluate_and_log(trained, datasets)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         log.info("%s; see %s", ", ".join(f"{k} {results[k]:.4f}" for k in ("val_accuracy", "test_accuracy")
-                                         if k in results), tracking.run_url(active))
+                                         if k in results), runs.run_url(active))
         return {"run_id": active.info.run_id, **results}
 
 
@@ -78,8 +79,8 @@ def _log_data(trained: pipeline.Trained) -> dict:
     cfg, splits, model = trained.cfg, trained.splits, trained.model
     mlflow.set_tags({"experiment": cfg.experiment, "model": cfg.model, "dataset": cfg.dataset,
                      "dataset_digest": splits["train"].digest, "config_digest": cfg.digest(), "seed": str(cfg.seed),
-                     **tracking.git_info(), **trained.tags})
-    datasets = {context: tracking.log_split(split, context) for context, split in splits.items()}
+                     **runs.git_info(), **trained.tags})
+    datasets = {context: runs.log_split(split, context) for context, split in splits.items()}
     mlflow.log_dict({"sizes": {k: len(s) for k, s in splits.items()}, "classes": trained.classes,
                      **splits["train"].summary}, "data_summary.json")
     for file_name, record in pipeline.data_records(cfg).items():
@@ -139,7 +140,7 @@ def _evaluate_and_log(trained: pipeline.Trained, datasets: dict) -> dict[str, fl
     rest = {k: v for k, v in results.items() if k not in trained.history[-1]}
     if trained.cfg.log_model:
         example = trained.splits["test"].images[:2].numpy()
-        model_id = tracking.log_bundle(trained.bundle(), example, step=step)
+        model_id = runs.log_bundle(trained.bundle(), example, step=step)
         for view in trained.probabilities:  # val, test, and their TTA views: on the split's dataset
             headline = {f"{view}_{m}": results[f"{view}_{m}"] for m in MODEL_METRICS if f"{view}_{m}" in results}
             mlflow.log_metrics(headline, step=step, model_id=model_id, dataset=datasets[view.removesuffix("_tta")])
@@ -191,15 +192,15 @@ def ensemble(refs: list[str], name: str = "", overrides: dict | None = None) -> 
     val and test like any run (overrides: tta, device, data_dir, ...), logged as one model: `cnnlab register NAME`."""
     if not refs:
         raise ValueError("an ensemble needs at least one run")
-    tracking.init_tracking()
-    bundles = [tracking.load_bundle(ref) for ref in refs]
+    runs.init_tracking()
+    bundles = [runs.load_bundle(ref) for ref in refs]
     configs, digests = member_configs(bundles)
     sources = [m["source"] for b in bundles for m in models.members_of(b)]
     _same_split(configs, sources)
     cfg = dataclasses.replace(configs[0], **(overrides or {}))
     name = name or f"{cfg.experiment}_ensemble"
-    tracking.init_tracking(name)
-    with tracking.tracked_run(f"{name} of {len(sources)}", tags={"experiment": name}) as active:
+    runs.init_tracking(name)
+    with runs.tracked_run(f"{name} of {len(sources)}", tags={"experiment": name}) as active:
         trained = pipeline.ensemble(bundles, cfg)
         if digests != {trained.splits["train"].digest}:
             raise ValueError(f"the data here (digest {trained.splits['train'].digest}) is not what the members were "
@@ -215,5 +216,5 @@ def ensemble(refs: list[str], name: str = "", overrides: dict | None = None) -> 
             results = pipeline.evaluate(trained, Path(tmp))
             mlflow.log_metrics(results)
             mlflow.log_artifacts(tmp, "evaluation")
-        tracking.log_bundle(trained.bundle(), trained.splits["test"].images[:2].numpy())
+        runs.log_bundle(trained.bundle(), trained.splits["test"].images[:2].numpy())
         return {"run_id": active.info.run_id, "name": name, "members": sources, **results}

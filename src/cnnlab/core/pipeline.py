@@ -12,13 +12,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import calibration, data, models
-from .augment import batch_augment, tta_views
-from .config import Config
-from .data import Split
-from .evaluation import metrics_and_artifacts, plot_curves
-from .preprocess import Classifier, Preprocess, pixel_stats
-from .training import EMA, Checkpoint, fit, predict
+from cnnlab.core import calibration, data, models
+from cnnlab.core.augment import batch_augment, tta_views
+from cnnlab.core.config import Config
+from cnnlab.core.data import Split
+from cnnlab.core.evaluation import metrics_and_artifacts, plot_curves
+from cnnlab.core.preprocess import Classifier, Preprocess, pixel_stats
+from cnnlab.core.training import EMA, Checkpoint, fit, predict
 
 
 @dataclass

@@ -213,7 +213,7 @@ def ensemble_bundle(bundles: list[dict]) -> dict:
     if len(channels) > 1:
         raise ValueError(f"ensemble members take images of different channels: {sorted(channels)}")
     (c,) = channels
-    from .preprocess import Preprocess
+    from cnnlab.core.preprocess import Preprocess
 
     return {"spec": {"name": "ensemble", "members": len(members)}, "members": members, "classes": list(classes),
             "preprocess": Preprocess(0.0, 1.0, 0, c, c).config()}
@@ -238,7 +238,7 @@ def read_bundle(path: str | Path, source: str = "") -> dict:
 
 
 def from_bundle(data: dict) -> nn.Module:
-    from .preprocess import Classifier, Preprocess
+    from cnnlab.core.preprocess import Classifier, Preprocess
 
     if "members" in data:
         members = MemberAverage([from_bundle(m) for m in data["members"]])

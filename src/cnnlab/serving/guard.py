@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .serving import settings_from_env
+from cnnlab.serving.model import settings_from_env
 
 MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
 MEDIA_TYPES = ("application/json", "text/csv")  # not Parquet: a small compressed body can expand without bound
@@ -239,7 +239,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
-    from .serving import Budget
+    from cnnlab.serving.model import Budget
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -265,7 +265,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
               f"thread(s); per worker {limits}; per request {budget}", file=sys.stderr, flush=True)
         # by name: a worker unpickles its config before it answers the supervisor's health checks, and this module
         # imports torch; loading a model can take longer than uvicorn's 5 s check on a busy machine
-        uvicorn.run("cnnlab.serve:create_app", factory=True, host=host, port=port, workers=workers,
-                    http="cnnlab.serve:NoDelayH11", timeout_worker_healthcheck=120)
+        uvicorn.run("cnnlab.serving.guard:create_app", factory=True, host=host, port=port, workers=workers,
+                    http="cnnlab.serving.guard:NoDelayH11", timeout_worker_healthcheck=120)
     finally:
         shutil.rmtree(root, ignore_errors=True)

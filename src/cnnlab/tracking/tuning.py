@@ -27,8 +27,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from . import devices, experiments, logs, pipeline, tracking
-from .config import field_types, make_config, parse_value
+from cnnlab.core import devices, logs, pipeline
+from cnnlab.tracking import experiments, runs
+from cnnlab.core.config import field_types, make_config, parse_value
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_images", "heartbeat_interval", "fixed",
@@ -404,7 +405,7 @@ def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int,
     if log_settings:
         logs.setup(*log_settings)
     torch.set_num_threads(threads)
-    tracking.init_tracking(spec["experiment"])
+    runs.init_tracking(spec["experiment"])
     storage = make_storage(spec)
     try:
         optimize(storage, spec, parent_id, n_trials, index)
@@ -542,10 +543,10 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
     if workers > 1 and spec["storage"].startswith("sqlite"):
         raise ValueError(f"--workers {workers} needs PostgreSQL: SQLite is not safe for parallel writers; use "
                          f"--storage postgresql://USER@HOST/DB (e.g. the optuna_storage URL `cnnlab stack up` prints)")
-    if workers > 1 and tracking.init_tracking().startswith("sqlite"):
+    if workers > 1 and runs.init_tracking().startswith("sqlite"):
         log.warning("%d workers write MLflow runs into one SQLite file; under load it may answer 'database is "
                     "locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", workers)
-    tracking.init_tracking(spec["experiment"])
+    runs.init_tracking(spec["experiment"])
     storage = make_storage(spec)
     try:
         study = open_study(spec, storage)
@@ -553,7 +554,7 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
         stored = study.user_attrs.get("mlflow_run_id")
         parent_id = os.environ.get("MLFLOW_RUN_ID") or (stored if _run_status(stored) else None)
         tags = {"study": spec["study_name"], "experiment": spec["experiment"], "tuning": "study"}
-        with tracking.tracked_run(spec["study_name"], run_id=parent_id, tags=tags) as parent:
+        with runs.tracked_run(spec["study_name"], run_id=parent_id, tags=tags) as parent:
             parent_id = parent.info.run_id
             study.set_user_attr("mlflow_run_id", parent_id)
             mlflow.set_tags({"storage": redact(spec["storage"]), "sampler": spec["sampler"]["type"],

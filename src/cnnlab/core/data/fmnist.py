@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import DataError, Option, Split, cache_dir, register_dataset
+from cnnlab.core.data import DataError, Option, Split, cache_dir, register_dataset
 
 FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 
-from . import calibration, stats  # noqa: E402
+from cnnlab.core import calibration, stats  # noqa: E402
 
 GRADCAM_PAIRS, GRADCAM_PER_PAIR = 6, 4  # the most confused (true, predicted) pairs, their most confident mistakes
 
@@ -146,7 +146,7 @@ def worst_confusions(labels: np.ndarray, probs: np.ndarray, pairs: int = GRADCAM
 def gradcam_confusions(model, images, labels, probs, classes: list[str], path: Path) -> None:
     """One row per confused pair: its most confidently wrong images with the Grad-CAM of the predicted class, drawn
     as one mosaic (one axes: a grid of subplots costs seconds per run)."""
-    from .explain import ExplainUnavailable, explain
+    from cnnlab.core.explain import ExplainUnavailable, explain
 
     images = np.asarray(images)
     pairs = worst_confusions(labels, probs)

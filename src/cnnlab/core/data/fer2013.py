@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import logs
-from . import DataError, Option, Split, cache_dir, register_dataset
+from cnnlab.core import logs
+from cnnlab.core.data import DataError, Option, Split, cache_dir, register_dataset
 
 # canonical order = the CSV's numbering
 CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]

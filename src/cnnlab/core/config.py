@@ -5,10 +5,10 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 
-from . import data, models
-from .augment import AUGMENTS, ERASE_MIN_AREA, TTA
-from .devices import PRECISIONS
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig
+from cnnlab.core import data, models
+from cnnlab.core.augment import AUGMENTS, ERASE_MIN_AREA, TTA
+from cnnlab.core.devices import PRECISIONS
+from cnnlab.core.training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
 

@@ -1,0 +1,1 @@
+"""Everything MLflow and Optuna: runs, tracked experiments, tuning, the registry, comparisons, reproduction, transfer."""
