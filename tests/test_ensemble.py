@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnnlab import cli
 from cnnlab.core import config, models, pipeline
 from cnnlab.tracking import experiments, registry, runs as tracking
 from cnnlab.core.augment import tta_probabilities
@@ -123,17 +125,28 @@ def test_the_serving_tta_function_equals_the_pipelines_tta_evaluation(fer_subset
         tta_probabilities(trained.model, images, "fivecrop")
 
 
-def test_the_gpu_job_file_runs_its_ensemble_and_student_rounds(fer_subset, tmp_path):
-    """benchmarks/gpu_fer_best_long.yaml as the GPU call runs it, shrunk (--quick, width 8): every job trains or
-    evaluates, the ensemble from its members' bundles, the student from the ensemble's."""
+@pytest.mark.slow
+def test_the_gpu_job_file_runs_its_ensemble_and_student_after_their_members(fer_subset, tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_fer_best_long.yaml as the GPU call runs it (benchmarks/gpu/runner.py), shrunk (--quick, width
+    8): the members train, the ensemble of their models and the student of the ensemble run after them, each in its
+    own store, and everything comes back into one store once."""
     jobs = "ema_s0,ema_s1,ema_s2,ensemble3,distilled"
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "suite.py"), str(REPO / "benchmarks" /
-                          "gpu_fer_best_long.yaml"), "--out", str(tmp_path), "--quick", "--only", jobs,
-                          "-P", f"data_dir={fer_subset}", "-P", "width=8"], capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "error" not in out.stdout, out.stdout
-    records = {name: json.loads((tmp_path / f"{name}.json").read_text()) for name in jobs.split(",")}
-    assert all((tmp_path / f"{name}.pt").exists() for name in records)
-    assert records["ensemble3"]["tags"]["members"] == "ema_s0,ema_s1,ema_s2" and "test_tta_accuracy" in records["ensemble3"]
-    assert records["distilled"]["tags"]["teacher_members"] == "3" and records["distilled"]["history"]
-    assert "val_accuracy_raw" in records["ema_s0"] and "test_tta_accuracy_raw" in records["ema_s0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("FER2013_DIR", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu" / "runner.py"),
+                           str(REPO / "benchmarks" / "gpu_fer_best_long.yaml"), "--only", jobs, "--quick",
+                           "-P", f"data_dir={fer_subset}", "-P", "width=8", "--parallel", "2", "--threads", "1",
+                           "--out", str(tmp_path / "out"), "--root", str(tmp_path / "run"), "--deadline", "1200"],
+                          env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert cli.main(["runs", "import", str(tmp_path / "out")]) == 0
+    assert json.loads(capsys.readouterr().out)["imported"] == 5  # the copies the later jobs read do not come back
+    client = mlflow.MlflowClient()
+    found = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    runs = {r.data.tags["gpu_job"]: r for r in found}
+    assert sorted(runs) == sorted(jobs.split(",")) and all(r.info.status == "FINISHED" for r in found)
+    ensemble, student = runs["ensemble3"].data, runs["distilled"].data
+    assert ensemble.tags["model"] == "ensemble" and ensemble.params["members"] == "3"
+    assert "test_tta_accuracy" in ensemble.metrics and ensemble.params["tta"] == "tencrop"
+    assert student.tags["teacher_members"] == "3" and student.params["epochs"] == "1"  # --quick over the job's 60
+    assert {"val_accuracy_raw", "test_tta_accuracy_raw"} <= set(runs["ema_s0"].data.metrics)

@@ -1,5 +1,6 @@
 """benchmarks/gpu/runner.py for real: jobs in parallel processes, each tracked; one that fails, one cut at its time
-limit and one that ignores SIGINT lose nothing of the others; the packed runs import here with their statuses."""
+limit and one that ignores SIGINT lose nothing of the others; the packed runs import here with their statuses; a bad
+job file is refused with the file, the job and the value. Jobs that run after others: tests/test_ensemble.py."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,8 @@ from mlflow import MlflowClient
 from cnnlab import cli
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
+import runner  # noqa: E402 - benchmarks/gpu/runner.py
 # a job that starts a tracked run, logs a tiny model and waits; with `deaf`, it ignores SIGINT: only SIGKILL ends it
 HANG = textwrap.dedent("""
     import signal, sys, time
@@ -76,3 +79,29 @@ def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
     assert sorted(m.source_run_id for m in models) == sorted(runs[job].info.run_id for job in ("cut", "deaf"))
     (record,) = mlflow.pyfunc.load_model(f"models:/{models[0].model_id}").predict(np.zeros((1, 28, 28), np.uint8))
     assert record["label"] in ("a", "b", "c")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("jobs: {a: ls -l}", r"jobs.a.command: start with one of \['cnnlab', 'python', 'python3'\], got 'ls -l'"),
+    ("jobs: {a: {command: cnnlab train fer_cnn, threads: 0}}", r"jobs.a.threads: .*greater than or equal to 1, got 0"),
+    ("jobs: {a: {command: cnnlab train fer_cnn, timout: 9}}", r"jobs.a.timout: unknown key"),
+    ("jobs: {a: {threads: 2}}", r"jobs.a.command: missing"),
+    ("parallel: two\njobs: {a: cnnlab train fer_cnn}", r"parallel: .*valid integer.*, got 'two'"),
+    ("jobs: {'a b': cnnlab train fer_cnn}", r"jobs.a b: .*pattern.*, got 'a b'"),
+    ("jobs:\n  a: cnnlab ensemble {b}", r"job a names \['b'\] in braces: no such job"),
+    ("jobs:\n  a: cnnlab ensemble {b}\n  b: cnnlab ensemble {a}", r"jobs a -> b -> a name each other in a circle"),
+    ("jobs: [cnnlab train fer_cnn]", r"jobs: .*valid dictionary"),
+    ("jobs: {a: 'cnnlab train fer_cnn", r"not valid YAML"),
+])
+def test_a_bad_job_file_is_refused_naming_the_file_the_job_and_the_value(tmp_path, text, message):
+    (tmp_path / "jobs.yaml").write_text(text)
+    with pytest.raises(SystemExit, match=f"^{tmp_path / 'jobs.yaml'}: {message}"):
+        runner.load_jobs(tmp_path / "jobs.yaml", tmp_path / "run")
+
+
+def test_only_must_take_the_jobs_that_a_job_names(tmp_path):
+    path = REPO / "benchmarks" / "gpu_fer_best_long.yaml"
+    with pytest.raises(SystemExit, match=r"job distilled needs job\(s\) \['ensemble3'\]: run them too"):
+        runner.load_jobs(path, tmp_path, ["distilled"])
+    _, jobs = runner.load_jobs(path, tmp_path, ["ema_s0", "ema_s1", "ema_s2", "ensemble3"])
+    assert [j.needs for j in jobs] == [[], [], [], ["ema_s0", "ema_s1", "ema_s2"]]

@@ -2,7 +2,10 @@
 into OUT for `cnnlab runs import` (benchmarks/gpu/run.sh calls it on the lent GPU machine).
 
     python benchmarks/gpu/runner.py benchmarks/gpu/jobs.yaml --out OUT [--deadline S] [--weights-dtype fp16]
+        [--only JOB,JOB] [--quick] [-P KEY=VALUE]
 
+A command naming another job in braces, e.g. `cnnlab ensemble {s0} {s1}` or `cnnlab train fer_best -P teacher={ens}`,
+runs after that job, with its runs imported into its own store and {s0} replaced by the ID of s0's model run there.
 Each job runs in ROOT/jobs/NAME (its mlflow.db, mlruns/, optuna.db, checkpoints, log.txt) with its own thread count
 and time limit; at its limit, or at the deadline, it gets SIGINT (its runs end KILLED), then SIGKILL. One failed job
 loses nothing of the others. OUT receives jobs.tgz (logs, Optuna storages), runs.tgz.NNN-of-NNN (all runs; logged
@@ -14,8 +17,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata as md
+import json
 import os
 import pkgutil
+import re
 import shlex
 import shutil
 import signal
@@ -25,53 +30,118 @@ import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-import yaml
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from cnnlab.core.config import parse_params
+from cnnlab.core.schema import Strict, read_yaml, validate
 
 REPO = Path(__file__).resolve().parents[2]
 NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
 
 
+HEADS = {"cnnlab": [sys.executable, "-m", "cnnlab"], "python": [sys.executable], "python3": [sys.executable]}
+PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.-]+)\}")  # {job}: the run ID of that job's model, in this job's store
+TAKES_PARAMS = ("train", "tune", "ensemble", "reproduce")  # the cnnlab commands that take -P (the runner's -P, --quick)
+QUICK = {"epochs": "1", "limit": "300"}  # --quick: one epoch on 300 images per job, a smoke check
+
+
+class JobSpec(Strict):
+    """One job: a command line (a string is short for {command: ...}), its threads and time limit."""
+    command: str
+    threads: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short(cls, value):
+        return {"command": value} if isinstance(value, str) else value
+
+    @field_validator("command")
+    @classmethod
+    def _head(cls, text: str) -> str:
+        words = shlex.split(text)
+        if not words or words[0] not in HEADS:
+            raise ValueError(f"start with one of {sorted(HEADS)}")
+        return text
+
+
+class JobFile(Strict):
+    """`parallel`, `threads` and `timeout` defaults, and `jobs: {name: command or {command, threads, timeout}}`; a
+    command may name other jobs' models as {job}: it runs after them."""
+    parallel: int | None = Field(None, ge=1)
+    threads: int = Field(2, ge=1)
+    timeout: float = Field(600, gt=0)
+    jobs: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")], JobSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _needs(self):
+        for name, job in self.jobs.items():
+            unknown = sorted(set(PLACEHOLDER.findall(job.command)) - set(self.jobs))
+            if unknown:
+                raise ValueError(f"job {name} names {unknown} in braces: no such job (known: {sorted(self.jobs)})")
+        refuse_circles(self.jobs)
+        return self
+
+
 @dataclass
 class Job:
     name: str
-    command: list[str]
+    text: str  # the command line as written, {job} placeholders included
     threads: int
     timeout: float
     folder: Path
+    needs: list[str] = field(default_factory=list)  # jobs whose models the command names: they run first
+    command: list[str] = field(default_factory=list)  # set at start, placeholders replaced
     proc: subprocess.Popen | None = None
     started: float = 0.0
     ended: float = 0.0
     stopping: float = 0.0  # when SIGINT was sent
     status: str = "not started"
     runs: list = field(default_factory=list)
+    model_run: str | None = None  # the last run that logged a model: what {name} stands for in other jobs
 
 
-def load_jobs(path: Path, root: Path) -> tuple[dict, list[Job]]:
-    """The job file: `parallel`, `threads`, `timeout` defaults and `jobs: {name: command or {command, threads, timeout}}`."""
-    spec = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(spec.get("jobs"), dict) or not spec["jobs"]:
-        raise SystemExit(f"{path}: needs a `jobs:` mapping of name -> command")
+def refuse_circles(jobs: dict) -> None:
+    """Refuse jobs that name each other in a circle."""
+    def visit(name: str, path: tuple) -> None:
+        if name in path:
+            raise ValueError(f"jobs {' -> '.join([*path[path.index(name):], name])} name each other in a circle")
+        for need in PLACEHOLDER.findall(jobs[name].command):
+            visit(need, (*path, name))
+    for name in jobs:
+        visit(name, ())
+
+
+def load_jobs(path: Path, root: Path, only: list[str] | None = None) -> tuple[JobFile, list[Job]]:
+    """The job file's jobs (or those in `only`, which must include the jobs they name)."""
+    try:
+        spec = validate(JobFile, read_yaml(path), path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    names = [n for n in spec.jobs if not only or n in only]
+    if only and set(only) - set(names):
+        raise SystemExit(f"{path}: --only names no job {sorted(set(only) - set(names))}")
     jobs = []
-    for name, job in spec["jobs"].items():
-        job = {"command": job} if isinstance(job, str) else dict(job)
-        if not str(name).replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise SystemExit(f"{path}: job name {name!r}: use letters, digits, '.', '_' and '-'")
-        if "command" not in job:
-            raise SystemExit(f"{path}: job {name!r} has no command")
-        jobs.append(Job(name, command(job["command"]), int(job.get("threads", spec.get("threads", 2))),
-                        float(job.get("timeout", spec.get("timeout", 600))), root / "jobs" / name))
+    for name in names:
+        job = spec.jobs[name]
+        needs = list(dict.fromkeys(PLACEHOLDER.findall(job.command)))
+        if set(needs) - set(names):
+            raise SystemExit(f"{path}: job {name} needs job(s) {sorted(set(needs) - set(names))}: run them too")
+        jobs.append(Job(name, job.command, job.threads or spec.threads, job.timeout or spec.timeout,
+                        root / "jobs" / name, needs))
     return spec, jobs
 
 
-def command(text: str) -> list[str]:
-    """`cnnlab ...` and `python ...` run with this interpreter; arguments naming repo files become absolute."""
+def command(text: str, params: dict) -> list[str]:
+    """`cnnlab ...` and `python ...` run with this interpreter; arguments naming repo files become absolute; `params`
+    go last to the cnnlab commands that take -P (so they win)."""
     words = shlex.split(text)
-    head = {"cnnlab": [sys.executable, "-m", "cnnlab"], "python": [sys.executable], "python3": [sys.executable]}
-    if words[0] not in head:
-        raise SystemExit(f"job command {text!r}: start with cnnlab, python or python3")
     rest = [str(REPO / w) if not w.startswith("-") and (REPO / w).exists() else w for w in words[1:]]
-    return head[words[0]] + rest
+    if words[0] == "cnnlab" and rest and rest[0] in TAKES_PARAMS:
+        rest += [a for k, v in params.items() for a in ("-P", f"{k}={v}")]
+    return HEADS[words[0]] + rest
 
 
 def preflight(root: Path) -> str:
@@ -121,18 +191,38 @@ def requirement_conflicts() -> list[str]:
     return problems
 
 
-def start(job: Job, env: dict) -> None:
+def start(job: Job, env: dict, jobs: dict[str, Job], params: dict) -> None:
     job.folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(job.folder.parents[1] / "template.db", job.folder / "mlflow.db")
     job_env = {**env, "OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
                "MLFLOW_TRACKING_URI": f"sqlite:///{job.folder / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
-    with open(job.folder / "log.txt", "w") as log:
+    ids = bring_needs(job, jobs, job_env)
+    job.command = command(PLACEHOLDER.sub(lambda m: ids[m[1]], job.text), params)
+    with open(job.folder / "log.txt", "a") as log:
         log.write(f"$ {shlex.join(job.command)}\n")
         log.flush()
         job.proc = subprocess.Popen(job.command, cwd=job.folder, env=job_env, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
     job.started, job.status = time.time(), "running"
     print(f"[{clock()}] {job.name}: started ({job.threads} threads, {job.timeout:.0f} s limit)", flush=True)
+
+
+def bring_needs(job: Job, jobs: dict[str, Job], env: dict) -> dict[str, str]:
+    """Import the runs of the jobs `job` names into its store (in its folder, where its artifacts go); returns each
+    named job's model run ID there. The copies are deleted when the job ends (settle_runs)."""
+    from cnnlab.tracking import transfer
+
+    if not job.needs:
+        return {}
+    folder = job.folder / "needs"
+    for name in job.needs:
+        transfer.export_runs(folder, f"sqlite:///{jobs[name].folder / 'mlflow.db'}")
+    with open(job.folder / "log.txt", "w") as log:
+        done = subprocess.run(HEADS["cnnlab"] + ["runs", "import", str(folder)], cwd=job.folder, env=env,
+                              stdout=subprocess.PIPE, stderr=log, text=True, check=True)
+    shutil.rmtree(folder)
+    ids = json.loads(done.stdout)["runs"]
+    return {name: ids[jobs[name].model_run] for name in job.needs}
 
 
 def stop(job: Job, why: str, grace: float) -> None:
@@ -151,6 +241,7 @@ def finish(job: Job) -> None:
     rc = job.proc.returncode
     if job.status == "running":
         job.status = "ok" if rc == 0 else f"failed (exit {rc})"
+    settle_runs(job)
     print(f"[{clock()}] {job.name}: {job.status} after {job.ended - job.started:.0f} s", flush=True)
     if job.status != "ok":
         lines = (job.folder / "log.txt").read_text(errors="replace").strip().splitlines()
@@ -158,13 +249,32 @@ def finish(job: Job) -> None:
         print("    " + "\n    ".join(line[:200] for line in tail), flush=True)
 
 
-def run_all(jobs: list[Job], parallel: int, deadline: float, grace: float, env: dict) -> None:
-    waiting = list(jobs)
+def blocker(job: Job, jobs: dict[str, Job]) -> str:
+    """Why `job` cannot start: "wait" while a job it names has not ended, a reason if one ended without a model."""
+    for need in (jobs[n] for n in job.needs):
+        if need.status == "not started" or (need.proc and not need.ended):
+            return "wait"
+        if need.model_run is None:
+            return f"skipped: job {need.name} {need.status} without a model"
+    return ""
+
+
+def run_all(jobs: list[Job], parallel: int, deadline: float, grace: float, env: dict, params: dict) -> None:
+    """Start jobs in file order as slots free up (a job naming others once they ended); stop any past its limit."""
+    by_name, waiting = {j.name: j for j in jobs}, list(jobs)
     while waiting or any(j.proc and not j.ended for j in jobs):
         now = time.time()
         running = [j for j in jobs if j.proc and not j.ended]
-        while waiting and len(running) < parallel and now < deadline:
-            start(job := waiting.pop(0), env)
+        for job in list(waiting):
+            why = blocker(job, by_name)
+            if len(running) >= parallel or now >= deadline or why == "wait":
+                continue
+            waiting.remove(job)
+            if why:
+                job.status = why
+                print(f"[{clock()}] {job.name}: {why}", flush=True)
+                continue
+            start(job, env, by_name, params)
             running.append(job)
         if now >= deadline:
             waiting.clear()  # not started: the table says so
@@ -179,20 +289,28 @@ def run_all(jobs: list[Job], parallel: int, deadline: float, grace: float, env: 
 
 
 def settle_runs(job: Job) -> None:
-    """Runs a SIGKILL left RUNNING end KILLED; every run is tagged with its job and how the job ended."""
+    """Runs a SIGKILL left RUNNING end KILLED; every run is tagged with its job and how the job ended; the runs
+    brought from other jobs are deleted (they come back with their own job)."""
     from mlflow import MlflowClient
     from mlflow.entities import RunTag
+
+    from cnnlab.tracking import transfer
 
     if not (job.folder / "mlflow.db").exists():
         return
     client = MlflowClient(f"sqlite:///{job.folder / 'mlflow.db'}")
     exps = [e.experiment_id for e in client.search_experiments()]
     for run in client.search_runs(exps):
+        if transfer.IMPORTED_FROM in run.data.tags:
+            client.delete_run(run.info.run_id)
+            continue
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, "error", f"runner: job {job.name} {job.status} while this run was running")
             client.set_terminated(run.info.run_id, "KILLED")
         client.log_batch(run.info.run_id, tags=[RunTag("gpu_job", job.name), RunTag("gpu_job_status", job.status)])
     job.runs = client.search_runs(exps, order_by=["attributes.start_time ASC"])
+    with_model = {m.source_run_id for m in client.search_logged_models(exps)} if exps else set()
+    job.model_run = next((r.info.run_id for r in reversed(job.runs) if r.info.run_id in with_model), None)
 
 
 def export(jobs: list[Job], folder: Path, weights_dtype: str, max_bytes: int) -> list[str]:
@@ -263,21 +381,27 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/gpurun"), help="job folders and stores")
     parser.add_argument("--deadline", type=float, default=380, help="seconds from start: stop every job then")
     parser.add_argument("--parallel", type=int, default=0, help="jobs at once (default: the file's, else all)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per job (default: the file's)")
     parser.add_argument("--grace", type=float, default=30, help="seconds from SIGINT to SIGKILL")
     parser.add_argument("--weights-dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--return-mb", type=float, default=63, help="all of OUT (a device call returns 64 MiB)")
     parser.add_argument("--part-mb", type=float, default=15)
+    parser.add_argument("--only", default="", help="comma-separated job names (with the jobs they name)")
+    parser.add_argument("-P", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a config field in every cnnlab train|tune|ensemble|reproduce job, e.g. -P width=8")
+    parser.add_argument("--quick", action="store_true", help="-P epochs=1 -P limit=300 in every job: a smoke check")
     args = parser.parse_args()
     began = time.time()
     shutil.rmtree(args.root, ignore_errors=True)
     args.root.mkdir(parents=True)
-    spec, jobs = load_jobs(args.jobs, args.root)
+    spec, jobs = load_jobs(args.jobs, args.root, [n for n in args.only.split(",") if n])
+    params = {**(QUICK if args.quick else {}), **parse_params(args.params)}
+    for job in jobs if args.threads else []:
+        job.threads = args.threads
     versions = preflight(args.root)
     print(f"[{clock()}] preflight: {versions}", flush=True)
-    parallel = args.parallel or int(spec.get("parallel", len(jobs)))
-    run_all(jobs, parallel, began + args.deadline, args.grace, dict(os.environ))
-    for job in jobs:
-        settle_runs(job)
+    parallel = args.parallel or spec.parallel or len(jobs)
+    run_all(jobs, parallel, began + args.deadline, args.grace, dict(os.environ), params)
     from cnnlab.tracking import transfer
 
     args.out.mkdir(parents=True, exist_ok=True)
