@@ -188,11 +188,16 @@ def _claims(tmp_path: Path, row: str, head: str = PROTOCOLS) -> Path:
     ("protocol: whole_train, params: {dropout: 1.5}, source: s", PROTOCOLS,
      r"rows\[0\] \(x\).*dropout must be in \[0, 1\), got 1.5"),
     ("protocol: whole_train, claimed: '57%', source: s", PROTOCOLS,
-     r"x\)\.claimed: expected a percentage 0..100, got '57%'"),
+     r"rows\[0\] \(x\): claimed: Input should be a valid number, got '57%'"),
+    ("protocol: whole_train, claimed: 157, source: s", PROTOCOLS,
+     r"rows\[0\] \(x\): claimed: Input should be less than or equal to 100, got 157"),
+    ("protocol: whole_train, grid: {dropout: []}, source: s", PROTOCOLS,
+     r"rows\[0\] \(x\): grid.dropout: List should have at least 1 item"),
     ("protocol: whole_train, params: {lr: fast}, source: s", PROTOCOLS,
      r"\(x\): row x: parameter lr='fast' is not a valid float"),
-    ("protocol: whole_train, source: s, epochs: 3", PROTOCOLS, r"unknown field\(s\) \['epochs'\]"),
-    ("source: s", PROTOCOLS, r"missing field\(s\) \['protocol'\]"),
+    ("protocol: whole_train, source: s, epochs: 3", PROTOCOLS,
+     r"rows\[0\] \(x\): epochs: unknown key; known: \['cells', 'claimed', 'experiment'"),
+    ("source: s", PROTOCOLS, r"rows\[0\] \(x\): protocol: missing"),
     ("protocol: holdout, source: s", PROTOCOLS,
      r"\(x\)\.protocol: 'holdout' is not one of \['validation', 'whole_train'\]"),
     ("protocol: whole_train, grid: {dropout: [0.1, 0.3]}, source: s", PROTOCOLS,
@@ -200,11 +205,20 @@ def _claims(tmp_path: Path, row: str, head: str = PROTOCOLS) -> Path:
     ("protocol: whole_train, explain: [epochs], source: s", PROTOCOLS,
      r"\(x\)\.explain: expected a list of reason ids from \['split'\]"),
     ("protocol: whole_train, source: s", "protocols: {whole_train: {val_fraction: 0}}\n",
-     r"protocols.whole_train: expected \{params"),
+     r"protocols.whole_train.params: missing; protocols.whole_train.says: missing; "
+     r"protocols.whole_train.val_fraction: unknown key; known: \['params', 'says'\]"),
 ])
 def test_claims_file_errors_name_the_row_and_field(tmp_path, row, head, message):
     with pytest.raises(ValueError, match=message):
         reproduce.load_claims(_claims(tmp_path, row, head))
+
+
+def test_a_claims_file_without_rows_or_not_there_is_named(tmp_path):
+    (tmp_path / "claims.yaml").write_text(PROTOCOLS + "rows: []\n")
+    with pytest.raises(ValueError, match=r"claims.yaml: rows: List should have at least 1 item after validation"):
+        reproduce.load_claims(tmp_path / "claims.yaml")
+    with pytest.raises(ValueError, match=r"nothing.yaml: cannot read it \(No such file or directory\)"):
+        reproduce.load_claims(tmp_path / "nothing.yaml")
 
 
 def test_claims_protocols_and_reasons_become_params_and_texts(tmp_path):

@@ -17,15 +17,17 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any
 
 import jinja2
 import mlflow
-import yaml
 from markupsafe import Markup, escape
+from pydantic import Field
 
 from cnnlab.tracking import compare, experiments, runs
 from cnnlab.core import models, pipeline, stats
 from cnnlab.core.config import Config, make_config, parse_value
+from cnnlab.core.schema import Strict, read_yaml, validate
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ CLAIMS = Path(__file__).with_name("claims.yaml")
 QUICK_LIMIT = 400
 QUICK_IMAGE_SIZE = 48
 FIGURES = {"confusion matrix": "evaluation/test_confusion_matrix.png", "ROC": "evaluation/test_roc.png"}
-ENTRY_KEYS = {"name", "experiment", "protocol", "explain", "params", "claimed", "source", "stated", "unstated", "grid",
-              "cells"}
 COLUMNS = ["Experiment", "Protocol", "Claimed", "Measured (test) [95% CI]", "Claim vs CI", "Validation", "Difference",
            "Why it differs", "Epochs", "Wall time", "Run"]
 NO_WEIGHTS = "ImageNet weights not available"
@@ -68,19 +68,49 @@ class Entry:
 
 # ---------------------------------------------------------------------------------------------- claims
 
+Percent = Annotated[float, Field(ge=0, le=100, strict=True)]
+
+
+class Protocol(Strict):
+    """How entries run: params under each entry's own, and what the report's table says of it."""
+    params: dict[str, Any]
+    says: str
+
+
+class Cell(Strict):
+    """What the report says of the grid combinations that `match`."""
+    match: dict[str, Any]
+    claimed: Percent | None = None
+    claimed_text: str = ""
+
+
+class ClaimRow(Strict):
+    """One experiment of a report: a preset, its params, the claimed test accuracy (percent) and where it is from."""
+    name: str
+    experiment: str
+    protocol: str
+    source: str
+    explain: list[str] = []  # reason ids
+    params: dict[str, Any] = {}
+    claimed: Percent | None = None
+    stated: str = ""
+    unstated: list[str] = []  # config fields the report does not state
+    grid: dict[str, Annotated[list, Field(min_length=1)]] = {}
+    cells: list[Cell] = []
+
+
+class Claims(Strict):
+    """claims.yaml: protocols, reasons (id: text) and rows (each checked as a ClaimRow, named in its errors)."""
+    protocols: dict[str, Protocol] = Field(min_length=1)
+    reasons: dict[str, str] = {}
+    rows: list[dict[str, Any]] = Field(min_length=1)
+
+
 def load_claims(path: str | Path = CLAIMS) -> list[Entry]:
     """Parse claims.yaml; errors name the file, the row and the field."""
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read the claims ({e})") from e
-    items = doc.get("rows") if isinstance(doc, dict) else None
-    if not isinstance(items, list) or not items:
-        raise ValueError(f"{path}: expected a non-empty list under 'rows'")
-    protocols, reasons = _protocols(doc.get("protocols"), path), doc.get("reasons") or {}
-    if not isinstance(reasons, dict) or not all(isinstance(v, str) for v in reasons.values()):
-        raise ValueError(f"{path}: reasons must map a reason id to its text, got {reasons!r}")
-    entries = [_entry(item, f"{path}: rows[{i}]", protocols, reasons) for i, item in enumerate(items)]
+    doc = validate(Claims, read_yaml(path), path)
+    entries = [_entry(validate(ClaimRow, item, f"{path}: rows[{i}] ({item.get('name')})"),
+                      f"{path}: rows[{i}] ({item.get('name')})", doc) for i, item in enumerate(doc.rows)]
     names = [e.name for e in entries] + [r.name for e in entries if e.grid for r in e.rows]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -88,41 +118,16 @@ def load_claims(path: str | Path = CLAIMS) -> list[Entry]:
     return entries
 
 
-def _protocols(protocols, path) -> dict[str, dict]:
-    """How entries run: {name: {params: {...}, says: text}}; each named by the entries' `protocol`."""
-    if not isinstance(protocols, dict) or not protocols:
-        raise ValueError(f"{path}: expected a mapping under 'protocols' (name: {{params: {{...}}, says: text}})")
-    for name, p in protocols.items():
-        if not isinstance(p, dict) or set(p) != {"params", "says"} or not isinstance(p["params"], dict):
-            raise ValueError(f"{path}: protocols.{name}: expected {{params: {{...}}, says: text}}, got {p!r}")
-    return protocols
-
-
-def _entry(item, where: str, protocols: dict, reasons: dict) -> Entry:
-    if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a mapping, got {item!r}")
-    unknown = sorted(set(item) - ENTRY_KEYS)
-    missing = sorted({"name", "experiment", "protocol", "source"} - set(item))
-    if unknown or missing:
-        raise ValueError(f"{where}: unknown field(s) {unknown}, missing field(s) {missing}")
-    where = f"{where} ({item['name']})"
-    claimed = _percent(item.get("claimed"), f"{where}.claimed")
-    params, grid = item.get("params") or {}, item.get("grid") or {}
-    if not isinstance(params, dict) or not isinstance(grid, dict):
-        raise ValueError(f"{where}: params and grid must be mappings")
-    if item["protocol"] not in protocols:
-        raise ValueError(f"{where}.protocol: {item['protocol']!r} is not one of {sorted(protocols)}")
-    protocol = protocols[item["protocol"]]
-    params = {**protocol["params"], **params}
-    explain = item.get("explain") or []
-    if not isinstance(explain, list) or set(explain) - set(reasons):
-        raise ValueError(f"{where}.explain: expected a list of reason ids from {sorted(reasons)}, got {explain!r}")
-    if any(not isinstance(v, list) or not v for v in grid.values()):
-        raise ValueError(f"{where}.grid: every key needs a non-empty list of values, got {grid}")
-    unstated = item.get("unstated") or []
-    if not isinstance(unstated, list) or set(unstated) - {f.name for f in dataclasses.fields(Config)}:
-        raise ValueError(f"{where}.unstated: expected a list of config fields, got {unstated!r}")
-    rows = _rows(item["name"], item["experiment"], params, grid, item.get("cells") or [], claimed, where)
+def _entry(item: ClaimRow, where: str, doc: Claims) -> Entry:
+    if item.protocol not in doc.protocols:
+        raise ValueError(f"{where}.protocol: {item.protocol!r} is not one of {sorted(doc.protocols)}")
+    protocol = doc.protocols[item.protocol]
+    if set(item.explain) - set(doc.reasons):
+        raise ValueError(f"{where}.explain: expected a list of reason ids from {sorted(doc.reasons)}, "
+                         f"got {item.explain!r}")
+    if set(item.unstated) - {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"{where}.unstated: expected a list of config fields, got {item.unstated!r}")
+    rows = _rows(item, {**protocol.params, **item.params})
     for row in rows:
         try:  # YAML reads 1e-3 as text: type every value as its config field
             row.params = {k: parse_value(k, v) if isinstance(v, str) else v for k, v in row.params.items()}
@@ -130,37 +135,26 @@ def _entry(item, where: str, protocols: dict, reasons: dict) -> Entry:
             cfg.validate()
         except ValueError as e:
             raise ValueError(f"{where}: row {row.name}: {e}") from e
-        if grid and not cfg.val_fraction:
-            raise ValueError(f"{where}: a grid chooses its best on validation, but protocol {item['protocol']!r} "
+        if item.grid and not cfg.val_fraction:
+            raise ValueError(f"{where}: a grid chooses its best on validation, but protocol {item.protocol!r} "
                              f"leaves no validation split (val_fraction 0)")
-    return Entry(item["name"], rows, claimed, item["source"], item.get("stated", ""), unstated, grid,
-                 item["protocol"], protocol["says"], {k: reasons[k] for k in explain})
+    return Entry(item.name, rows, item.claimed, item.source, item.stated, item.unstated, item.grid,
+                 item.protocol, protocol.says, {k: doc.reasons[k] for k in item.explain})
 
 
-def _rows(name: str, experiment: str, params: dict, grid: dict, cells: list, claimed, where: str) -> list[Row]:
+def _rows(item: ClaimRow, params: dict) -> list[Row]:
     """One row, or one per grid combination named NAME/key=value/...; `cells` attach per-combination claims."""
-    if not grid:
-        return [Row(name, experiment, params, claimed)]
+    if not item.grid:
+        return [Row(item.name, item.experiment, params, item.claimed)]
     rows = []
-    for values in itertools.product(*grid.values()):
-        combo = dict(zip(grid, values))
-        row = Row(name + "".join(f"/{k}={v}" for k, v in combo.items()), experiment, {**params, **combo})
-        for i, cell in enumerate(cells):
-            if not isinstance(cell, dict) or not isinstance(cell.get("match"), dict):
-                raise ValueError(f"{where}.cells[{i}]: expected {{match: {{...}}, claimed: N or claimed_text: ...}}")
-            if all(combo.get(k) == v for k, v in cell["match"].items()):
-                row.claimed = _percent(cell.get("claimed"), f"{where}.cells[{i}].claimed")
-                row.claimed_text = str(cell.get("claimed_text", ""))
+    for values in itertools.product(*item.grid.values()):
+        combo = dict(zip(item.grid, values))
+        row = Row(item.name + "".join(f"/{k}={v}" for k, v in combo.items()), item.experiment, {**params, **combo})
+        for cell in item.cells:
+            if all(combo.get(k) == v for k, v in cell.match.items()):
+                row.claimed, row.claimed_text = cell.claimed, cell.claimed_text
         rows.append(row)
     return rows
-
-
-def _percent(value, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise ValueError(f"{where}: expected a percentage 0..100, got {value!r}")
-    return float(value)
 
 
 def select(entries: list[Entry], only: list[str]) -> list[Entry]:

@@ -17,23 +17,23 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import mlflow
 import optuna
 import torch
-import yaml
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cnnlab.core import devices, logs, pipeline
 from cnnlab.tracking import experiments, runs
 from cnnlab.core.config import field_types, make_config, parse_value
+from cnnlab.core.schema import Strict, read_yaml, validate
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
-SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_images", "heartbeat_interval", "fixed",
-             "space", "enqueue", "sampler", "pruner"}
 RANGE_KEYS = {"low", "high", "log", "step"}
 PARAM_KEYS = {"float": RANGE_KEYS, "int": RANGE_KEYS, "categorical": {"choices"}}
 SAMPLERS = {"grid": optuna.samplers.GridSampler, "tpe": optuna.samplers.TPESampler,
@@ -62,6 +62,62 @@ class Pruned(optuna.TrialPruned):
 
 # --- the study definition --------------------------------------------------------------------------------------
 
+class SearchParam(Strict):
+    """One searched parameter: `float` or `int` with low and high (log, step), or `categorical` with choices."""
+    type: Literal["float", "int", "categorical"]
+    low: Any = None  # typed as the Config field by _typed (YAML reads 1e-3 as text)
+    high: Any = None
+    log: bool = False
+    step: Any = None
+    choices: list | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _keys_of_its_type(self):
+        extra = sorted(self.model_fields_set - {"type"} - PARAM_KEYS[self.type])
+        if extra:
+            raise ValueError(f"unknown key(s) {extra} for type {self.type}")
+        if self.type == "categorical" and self.choices is None:
+            raise ValueError("needs `choices`, a non-empty list")
+        if self.type != "categorical" and (self.low is None or self.high is None):
+            raise ValueError("needs `low` and `high`")
+        return self
+
+
+class Strategy(BaseModel):
+    """A sampler or pruner: its `type`, and keyword arguments for it (checked by building it)."""
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class SearchSpace(Strict):
+    """A tuning/*.yaml file: the experiment, what is fixed, what is searched, and how."""
+    experiment: str
+    study_name: str | None = None  # default: the file's name
+    storage: str = DEFAULT_STORAGE
+    n_trials: int = Field(20, ge=1, strict=True)
+    budget_images: int = Field(0, ge=0, strict=True)
+    heartbeat_interval: int = Field(60, ge=1, strict=True)
+    fixed: dict[str, Any] = {}
+    space: dict[str, SearchParam]
+    enqueue: list[Annotated[dict[str, Any], Field(min_length=1)]] = []  # known-good points, evaluated first
+    sampler: Strategy = Strategy(type="tpe", seed=0)
+    pruner: Strategy = Strategy(type="none")
+
+    @field_validator("fixed", "space", "enqueue", mode="before")
+    @classmethod
+    def _empty(cls, value, info):
+        """`fixed:` with nothing under it: none."""
+        return ([] if info.field_name == "enqueue" else {}) if value is None else value
+
+    @field_validator("sampler", "pruner", mode="after")
+    @classmethod
+    def _known(cls, value: Strategy, info):
+        known = SAMPLERS if info.field_name == "sampler" else PRUNERS
+        if value.type not in known:
+            raise ValueError(f"type must be one of {sorted(known)}")
+        return value
+
+
 def load_spec(path: str | Path, params: dict | None = None, storage: str | None = None,
               study_name: str | None = None, n_trials: int | None = None) -> dict:
     """Read and check a search-space YAML; `params` override its fixed parameters, the rest its settings."""
@@ -69,33 +125,18 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
     if not path.is_file():
         shipped = sorted(p.name for p in Path("tuning").glob("*.yaml"))
         raise FileNotFoundError(f"search space {path} not found" + (f"; in tuning/: {shipped}" if shipped else ""))
+    spec = validate(SearchSpace, read_yaml(path), path).model_dump()
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict) or "experiment" not in raw or "space" not in raw:
-        raise ValueError(f"{path}: needs a mapping with at least `experiment` and `space`")
-    unknown = sorted(set(raw) - SPEC_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {sorted(SPEC_KEYS)}")
-    spec = {"study_name": path.stem, "storage": DEFAULT_STORAGE, "n_trials": 20, "budget_images": 0,
-            "heartbeat_interval": 60, "fixed": {}, "enqueue": [], "sampler": {"type": "tpe", "seed": 0},
-            "pruner": {"type": "none"}, **raw, "source": str(path)}
+        _typed(spec)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    spec.update({"study_name": spec["study_name"] or path.stem, "source": str(path)})
     spec.update({k: v for k, v in (("storage", storage), ("study_name", study_name), ("n_trials", n_trials)) if v})
     refuse_password(spec["storage"])
-    spec["fixed"] = {k: _value(f"{path}: fixed.{k}", k, v) for k, v in (spec["fixed"] or {}).items()}
-    spec["space"] = {k: _param(f"{path}: space.{k}", k, v) for k, v in (spec["space"] or {}).items()}
     searched = sorted(set(params or {}) & set(spec["space"]))
     if searched:
         raise ValueError(f"{path}: {searched} searched in the space; remove from `space` to fix a value")
-    both = sorted(set(spec["fixed"]) & set(spec["space"]))
-    if both:
-        raise ValueError(f"{path}: {both} both fixed and searched; keep each in `fixed` or in `space`")
     spec["fixed"].update(params or {})
-    for key, least in (("n_trials", 1), ("budget_images", 0), ("heartbeat_interval", 1)):
-        if not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < least:
-            raise ValueError(f"{path}: {key} must be an integer >= {least}, got {spec[key]!r}")
-    spec["enqueue"] = _enqueued(spec, path)
     first = {k: p["choices"][0] if p["type"] == "categorical" else p["low"] for k, p in spec["space"].items()}
     try:  # as a trial runs: validation only
         cfg = make_config(spec["experiment"], **spec["fixed"], **first, eval_test=False)
@@ -106,6 +147,16 @@ def load_spec(path: str | Path, params: dict | None = None, storage: str | None 
     return spec
 
 
+def _typed(spec: dict) -> None:
+    """Every value as its Config field's type; enqueued points inside the space."""
+    spec["fixed"] = {k: _value(f"fixed.{k}", k, v) for k, v in spec["fixed"].items()}
+    spec["space"] = {k: _param(f"space.{k}", k, p) for k, p in spec["space"].items()}
+    both = sorted(set(spec["fixed"]) & set(spec["space"]))
+    if both:
+        raise ValueError(f"{both} both fixed and searched; keep each in `fixed` or in `space`")
+    spec["enqueue"] = [_point(f"enqueue[{i}]", point, spec["space"]) for i, point in enumerate(spec["enqueue"])]
+
+
 def _value(where: str, name: str, value):
     """A YAML value as the Config field's type (YAML reads 1e-3 as text; parse_value handles that, naming the field)."""
     try:
@@ -114,56 +165,35 @@ def _value(where: str, name: str, value):
         raise ValueError(f"{where}: {e}") from None
 
 
-def _param(where: str, name: str, p) -> dict:
-    if not isinstance(p, dict) or p.get("type") not in PARAM_KEYS:
-        raise ValueError(f"{where}: needs `type` one of {sorted(PARAM_KEYS)}, got {p!r}")
-    extra = sorted(set(p) - PARAM_KEYS[p["type"]] - {"type"})
-    if extra:
-        raise ValueError(f"{where}: unknown key(s) {extra} for type {p['type']}")
+def _param(where: str, name: str, p: dict) -> dict:
     if p["type"] == "categorical":
-        if not isinstance(p.get("choices"), list) or not p["choices"]:
-            raise ValueError(f"{where}: `choices` must be a non-empty list")
         return {"type": "categorical", "choices": [_value(where, name, c) for c in p["choices"]]}
     kind = field_types().get(name)
     if kind != p["type"]:
         raise ValueError(f"{where}: type {p['type']} but {name} is {'an unknown parameter' if kind is None else kind}")
-    if "low" not in p or "high" not in p:
-        raise ValueError(f"{where}: needs `low` and `high`")
     out = {"type": kind, "low": _value(where, name, p["low"]), "high": _value(where, name, p["high"]),
-           "log": bool(p.get("log", False)), "step": _value(where, name, p["step"]) if "step" in p else None}
+           "log": p["log"], "step": _value(where, name, p["step"]) if p["step"] is not None else None}
     if not out["low"] < out["high"] or (out["log"] and out["low"] <= 0):
         raise ValueError(f"{where}: needs low < high (and low > 0 with log), got {out['low']}..{out['high']}")
     return out
 
 
-def _enqueued(spec: dict, path: Path) -> list[dict]:
-    """The `enqueue` list: known-good points evaluated first, each a mapping of searched parameters to values."""
-    points = spec["enqueue"] or []
-    if not isinstance(points, list):
-        raise ValueError(f"{path}: enqueue must be a list of {{parameter: value}} mappings, got {points!r}")
-    out = []
-    for i, point in enumerate(points):
-        where = f"{path}: enqueue[{i}]"
-        if not isinstance(point, dict) or not point:
-            raise ValueError(f"{where}: expected a non-empty mapping of searched parameters, got {point!r}")
-        unknown = sorted(set(point) - set(spec["space"]))
-        if unknown:
-            raise ValueError(f"{where}: {unknown} not searched in `space` ({sorted(spec['space'])})")
-        typed = {k: _value(f"{where}.{k}", k, v) for k, v in point.items()}
-        for k, v in typed.items():
-            p = spec["space"][k]
-            inside = v in p["choices"] if p["type"] == "categorical" else p["low"] <= v <= p["high"]
-            if not inside:
-                allowed = p["choices"] if p["type"] == "categorical" else f"{p['low']}..{p['high']}"
-                raise ValueError(f"{where}.{k}: {v!r} is outside the space ({allowed})")
-        out.append(typed)
-    return out
+def _point(where: str, point: dict, space: dict) -> dict:
+    """An enqueued point: searched parameters, each typed and inside the space."""
+    unknown = sorted(set(point) - set(space))
+    if unknown:
+        raise ValueError(f"{where}: {unknown} not searched in `space` ({sorted(space)})")
+    typed = {k: _value(f"{where}.{k}", k, v) for k, v in point.items()}
+    for k, v in typed.items():
+        p = space[k]
+        inside = v in p["choices"] if p["type"] == "categorical" else p["low"] <= v <= p["high"]
+        if not inside:
+            allowed = p["choices"] if p["type"] == "categorical" else f"{p['low']}..{p['high']}"
+            raise ValueError(f"{where}.{k}: {v!r} is outside the space ({allowed})")
+    return typed
 
 
 def _check_strategy(spec: dict, path: Path, epochs: int) -> None:
-    for key, known in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
-        if not isinstance(spec[key], dict) or spec[key].get("type") not in known:
-            raise ValueError(f"{path}: {key} needs `type` one of {sorted(known)}, got {spec[key]!r}")
     if spec["pruner"]["type"] in ("hyperband", "successive_halving"):
         least = spec["pruner"].get("min_resource")
         if not isinstance(least, int) or isinstance(least, bool) or not 1 <= least < epochs:
