@@ -39,15 +39,28 @@ HANG = textwrap.dedent("""
         time.sleep(600)
 """)
 
+# a job naming another ({cut}): that job's model run, imported into this job's own store
+NAMED = textwrap.dedent("""
+    import sys
+    import mlflow
+    run = mlflow.get_run(sys.argv[1])
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert "imported_from" in run.data.tags and run.info.status == "KILLED" and len(models) == 1, run
+""")
+
 
 @pytest.mark.slow
 def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
     (tmp_path / "hang.py").write_text(HANG)
+    (tmp_path / "named.py").write_text(NAMED)
     jobs = {"parallel": 4, "threads": 1, "timeout": 300, "jobs": {  # in order of whose models matter most
         "cut": {"command": f"python {tmp_path / 'hang.py'} polite", "timeout": 40},
         "train": f"cnnlab train fmnist_cnn -P data_dir={fmnist_dir} -P limit=300 -P epochs=1 -P eval_batch_size=256",
         "bad_value": f"cnnlab train fmnist_cnn -P data_dir={fmnist_dir} -P optimizer=nope",
-        "deaf": {"command": f"python {tmp_path / 'hang.py'} deaf", "timeout": 40}}}
+        "deaf": {"command": f"python {tmp_path / 'hang.py'} deaf", "timeout": 40},
+        "after_cut": f"python {tmp_path / 'named.py'} {{cut}}",  # runs after cut, on its model
+        "after_bad": "cnnlab ensemble {bad_value}"}}  # bad_value leaves no model: never starts
     (tmp_path / "jobs.yaml").write_text(yaml.safe_dump(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("FER2013_DIR", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
@@ -60,13 +73,14 @@ def test_jobs_run_tracked_and_come_back_whole(tmp_path, fmnist_dir, capsys):
     assert "optimizer must be one of" in done.stdout  # a failed job's last log lines are shown
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| job")}
-    assert rows == {"train": "ok", "bad_value": "failed (exit 2)", "cut": "timeout (40 s)", "deaf": "timeout (40 s)"}
+    assert rows == {"train": "ok", "bad_value": "failed (exit 2)", "cut": "timeout (40 s)", "deaf": "timeout (40 s)",
+                    "after_cut": "ok", "after_bad": "skipped: job bad_value failed (exit 2) without a model"}
     assert "left out the model of job train" in done.stdout
     parts = sorted(out.glob("runs.tgz.*"))
     assert len(parts) > 1 and {p.name for p in out.iterdir()} == {*(p.name for p in parts), "jobs.tgz", "results.md"}
 
     assert cli.main(["runs", "import", str(out)]) == 0
-    assert json.loads(capsys.readouterr().out)["imported"] == 4
+    assert json.loads(capsys.readouterr().out)["imported"] == 4  # not the copy of cut's run that after_cut read
     client = MlflowClient()
     runs = {r.data.tags["gpu_job"]: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
     assert {job: r.info.status for job, r in runs.items()} == {

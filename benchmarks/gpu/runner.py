@@ -219,7 +219,9 @@ def bring_needs(job: Job, jobs: dict[str, Job], env: dict) -> dict[str, str]:
         transfer.export_runs(folder, f"sqlite:///{jobs[name].folder / 'mlflow.db'}")
     with open(job.folder / "log.txt", "w") as log:
         done = subprocess.run(HEADS["cnnlab"] + ["runs", "import", str(folder)], cwd=job.folder, env=env,
-                              stdout=subprocess.PIPE, stderr=log, text=True, check=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    if done.returncode:
+        raise RuntimeError(f"importing the runs of {job.needs} failed (exit {done.returncode}; its log.txt says why)")
     shutil.rmtree(folder)
     ids = json.loads(done.stdout)["runs"]
     return {name: ids[jobs[name].model_run] for name in job.needs}
@@ -274,7 +276,12 @@ def run_all(jobs: list[Job], parallel: int, deadline: float, grace: float, env: 
                 job.status = why
                 print(f"[{clock()}] {job.name}: {why}", flush=True)
                 continue
-            start(job, env, by_name, params)
+            try:
+                start(job, env, by_name, params)
+            except RuntimeError as e:  # its needs did not come: the others go on
+                job.status = f"not started: {e}"
+                print(f"[{clock()}] {job.name}: {job.status}", flush=True)
+                continue
             running.append(job)
         if now >= deadline:
             waiting.clear()  # not started: the table says so
