@@ -100,7 +100,7 @@ def test_resuming_a_checkpoint_with_ema_ends_exactly_where_an_uninterrupted_run_
     resumed = pipeline.prepare(cfg)
     with pytest.raises(Crash):
         pipeline.train(resumed, on_epoch_end=crash_after_first_epoch, checkpoint_path=tmp_path / "cut.pt")
-    assert "ema" in torch.load(tmp_path / "cut.pt", weights_only=False)
+    assert "ema" in torch.load(tmp_path / "cut.pt", weights_only=True)
     resumed = pipeline.prepare(cfg)  # a fresh process would start here: the checkpoint holds everything
     pipeline.train(resumed, checkpoint_path=tmp_path / "cut.pt")
     for model in ("model", "raw_model"):

@@ -19,6 +19,7 @@ from cnnlab.core.augment import batch_augment, random_affine
 from cnnlab.core.data import Split, register_dataset
 from cnnlab.core.preprocess import Preprocess
 from cnnlab.core.training import Checkpoint, TrainConfig, fit
+from payload import Payload
 from test_data import make_fmnist
 
 COLORS = ["red", "green", "blue"]
@@ -132,6 +133,23 @@ def test_a_checkpoint_of_other_settings_or_corrupt_is_discarded(toy_experiment, 
         other.path.write_bytes(b"half a checkpoint")
         history = fit(trained.model, split, None, TrainConfig(epochs=2, batch_size=64, device="cpu"), checkpoint=other)
     assert "unreadable" in caplog.text and len(history) == 2  # discarded, then both epochs from the start
+
+
+def test_a_checkpoint_that_needs_code_to_load_is_discarded_unrun(toy_experiment, tmp_path, caplog):
+    """Checkpoints load as weights only: one holding a pickled object (its key right) is discarded, the object never
+    runs, and training starts afresh."""
+    trained = pipeline.prepare(config.make_config(toy_experiment, epochs=1))
+    cfg, split = TrainConfig(epochs=1, batch_size=64, device="cpu"), trained.splits["train"]
+    checkpoint = Checkpoint(tmp_path / "a.pt", {"dataset_digest": "A"})
+    fit(trained.model, split, None, cfg, checkpoint=checkpoint)
+    assert checkpoint.load() is not None  # what the loop saves loads as weights only
+    marker = tmp_path / "ran"
+    torch.save({**torch.load(checkpoint.path, weights_only=True), "extra": Payload(marker)}, checkpoint.path)
+    with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):
+        history = fit(trained.model, split, None, TrainConfig(epochs=2, batch_size=64, device="cpu"),
+                      checkpoint=checkpoint)
+    assert "unreadable" in caplog.text and "Weights only load failed" in caplog.text and len(history) == 2
+    assert not marker.exists()
 
 
 class Crash(Exception):

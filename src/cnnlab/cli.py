@@ -174,7 +174,7 @@ def cmd_serve(args) -> int:
     from cnnlab.serving.guard import serve
 
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-          timeout=args.timeout)
+          timeout=args.timeout, trust_model_code=args.trust_model_code)
     return 0
 
 
@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per worker (default: cores / workers)")
     p.add_argument("-t", "--timeout", type=_argument("int", least=0), default=0,
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="load the model without checking that it runs only this cnnlab's code (docs/SECURITY.md)")
     p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")

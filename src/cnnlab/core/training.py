@@ -137,7 +137,7 @@ class Checkpoint:
         if not self.path.exists():
             return None
         try:
-            state = torch.load(self.path, map_location=device, weights_only=False)
+            state = torch.load(self.path, map_location=device, weights_only=True)  # tensors, numbers, strings: no code
         except Exception as e:  # noqa: BLE001 - truncated, corrupt or written by an incompatible version
             self.discard(f"unreadable ({type(e).__name__}: {e})")
             return None

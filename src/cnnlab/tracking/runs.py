@@ -176,9 +176,8 @@ def log_split(split: Split, context: str):
 
 # MLflow's advice that does not apply to the cnnlab pyfunc, so a user could not act on it: predict takes base64 images
 # or pixel arrays and checks them itself against the explicit signature; the integer output (class_index) is never
-# missing; CnnlabModel holds no state (the weights are an artifact), so pickling it is safe.
-ADVICE = ("Add type hints to the `predict` method", "Hint: Inferred schema contains integer column",
-          "Passing a Python object as `python_model`")
+# missing.
+ADVICE = ("Add type hints to the `predict` method", "Hint: Inferred schema contains integer column")
 
 
 class _NoAdvice(logging.Filter):
@@ -220,8 +219,8 @@ def log_bundle(data: dict, example, step: int = 0) -> str:
         path = Path(tmp) / "model.pt"
         torch.save(data, path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
+        info = mlflow.pyfunc.log_model(  # models-from-code: the model is a file cnnlab ships, nothing pickled
+            name="model", python_model=str(serving.MODEL_CODE), artifacts={"bundle": str(path)},
             code_paths=[serving.package_copy(Path(tmp) / "code")], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements(), step=step)
     return info.model_id
