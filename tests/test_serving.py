@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "serving"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
 import client  # serving/client.py, the CLI under test
-from payload import Payload  # noqa: E402 - tests/payload.py
+from payload import Payload  # tests/payload.py
 
 JSON = "application/json"
 services = pytest.mark.services  # a real `mlflow models serve` or `cnnlab serve`

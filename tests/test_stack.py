@@ -318,7 +318,7 @@ done"""
 def as_nobody(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
     """A command as the unprivileged local user `nobody`."""
     return subprocess.run(["runuser", "-u", "nobody", "--", *argv], input=stdin, capture_output=True, text=True,
-                          timeout=300)
+                          check=False, timeout=300)
 
 
 def open_to_nobody(paths: list[Path]) -> list[str]:
