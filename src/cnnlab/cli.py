@@ -320,7 +320,9 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
     "serve": ("serve a model over REST: MLflow's scoring app behind a guard",
               "Serve a logged or registered model with MLflow's own scoring app behind a small guard: body size, JSON "
               "depth,\nContent-Type, requests in progress (503 + Retry-After) and time-outs; limits are environment "
-              "variables\n(serving/README.md). `mlflow models serve` serves the same model without the guard.\n\n"
+              "variables\n(serving/README.md). A model that would run code other than this cnnlab's is refused "
+              "(--trust-model-code:\ndocs/SECURITY.md). `mlflow models serve` serves the same model without the guard "
+              "or the check.\n\n"
               "  cnnlab serve models:/fer_cnn@champion -p 5000\n  cnnlab serve runs:/RUN_ID/model --workers 2"),
     "demo": ("a page to try a served model: photo or webcam, each face's emotion",
              "Serve a page where you upload a photo or use the webcam and see each face boxed with its emotion "
