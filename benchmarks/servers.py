@@ -16,11 +16,11 @@ class ModelServer(Daemon):
     name = "model-server"
 
     def __init__(self, root: Path | str, model_uri: str, tracking_uri: str, port: int = 0, workers: int = 1,
-                 guarded: bool = False, env: dict[str, str] | None = None):
+                 guarded: bool = False, env: dict[str, str] | None = None, trust_model_code: bool = False):
         super().__init__(root)
         self.model_uri, self.tracking_uri = model_uri, tracking_uri
         self.port = port or free_port()
-        self.workers, self.guarded, self.extra_env = workers, guarded, env or {}
+        self.workers, self.guarded, self.extra_env, self.trust = workers, guarded, env or {}, trust_model_code
 
     @property
     def url(self) -> str:
@@ -29,7 +29,7 @@ class ModelServer(Daemon):
     def argv(self) -> list[str]:
         if self.guarded:
             return [sys.executable, "-m", "cnnlab", "serve", self.model_uri, "--host", HOST, "-p", str(self.port),
-                    "-w", str(self.workers)]
+                    "-w", str(self.workers), *(["--trust-model-code"] if self.trust else [])]
         return [console_script("mlflow"), "models", "serve", "-m", self.model_uri, "--env-manager", "local",
                 "-h", HOST, "-p", str(self.port), "-w", str(self.workers)]
 

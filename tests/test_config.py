@@ -2,6 +2,8 @@
 the one parser of -P values."""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
@@ -94,3 +96,34 @@ def test_dataset_options_are_config_fields_checked_by_their_dataset():
         config.make_config("fer_cnn", test_split="train").validate()
     with pytest.raises(ValueError, match=r"dataset must be one of \[.*'fer2013', 'fmnist'.*\], got 'mnist'"):
         config.make_config("fmnist_cnn", dataset="mnist").validate()
+
+
+# Config is built on import from the datasets registered then: a fresh interpreter sees an added dataset option
+DIGESTS = """
+import dataclasses, json, sys
+from cnnlab.core import data
+if sys.argv[1] == "added":
+    @data.register_dataset("toy_gray", title="toy", size=8, channels=1, options=(data.Option("contrast", float, 1.0),))
+    def load_toy_gray(data_dir, contrast):
+        raise NotImplementedError
+    fer = data.get("fer2013")  # and fer2013 with another on_bad default and one more option
+    options = tuple(dataclasses.replace(o, default="skip") if o.name == "on_bad" else o for o in fer.options)
+    data._DATASETS["fer2013"] = dataclasses.replace(fer, options=(*options, data.Option("crop", int, 0)))
+from cnnlab.core import config
+print(json.dumps({e: config.make_config(e).digest() for e in ("fmnist_cnn", "fer_cnn")}))
+"""
+
+
+def digests(datasets: str) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-c", DIGESTS, datasets], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_a_runs_digest_hashes_its_own_datasets_options_not_anothers():
+    before, after = digests("registered"), digests("added")
+    assert after["fmnist_cnn"] == before["fmnist_cnn"] == config.make_config("fmnist_cnn").digest()
+    assert after["fer_cnn"] != before["fer_cnn"]  # its own dataset's new default is part of it
+    fmnist = config.make_config("fmnist_cnn")
+    assert fmnist.digest() == config.make_config("fmnist_cnn", on_bad="skip").digest()
+    assert fmnist.digest() != config.make_config("fmnist_cnn", permute=True).digest()
+    assert "on_bad" in config.foreign_options("fmnist") and "permute" not in config.foreign_options("fmnist")

@@ -5,15 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cloudpickle
 import cv2
 import mlflow
 import numpy as np
@@ -28,6 +31,7 @@ from cnnlab.core.data.fer2013 import decode_gray
 from cnnlab.tracking.experiments import make_config, run
 from cnnlab.core.calibration import calibrate
 from cnnlab.serving.model import CnnlabModel, InputError
+from cnnlab.serving.verify import MODEL_CODE, UntrustedModel, load_model, verify_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "serving" / "samples"
@@ -35,6 +39,7 @@ sys.path.insert(0, str(REPO / "serving"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
 import client  # serving/client.py, the CLI under test
+from payload import Payload  # tests/payload.py
 
 JSON = "application/json"
 services = pytest.mark.services  # a real `mlflow models serve` or `cnnlab serve`
@@ -337,12 +342,74 @@ def test_bundle_loads_without_running_code(trained, tmp_path):
     assert not marker.exists()
 
 
-class Payload:
-    def __init__(self, path: str):
-        self.path = path
+def test_registered_model_holds_no_pickle_and_predicts_as_the_pickled_one(trained, tmp_path):
+    """Models-from-code: no python_model.pkl, a model.pt that loads as weights only, the same answers as the same
+    bundle logged the old way (a pickled CnnlabModel), which cnnlab now refuses to load, saying how to log it again."""
+    folder = trained.bundle.parents[1]
+    assert not list(folder.rglob("*.pkl")) and (folder / "model_code.py").read_bytes() == MODEL_CODE.read_bytes()
+    verify_model(folder)
+    images = frame([b64(f.read_bytes()) for f in trained.files])
+    answers = load_model(str(folder)).predict(images)
+    classes = torch.load(trained.bundle, weights_only=True)["classes"]
+    assert [k for k in answers[0] if k.startswith("prob_")] == [f"prob_{c}" for c in classes]
+    mlflow.set_experiment("logged_the_old_way")
+    with mlflow.start_run():
+        old = mlflow.pyfunc.log_model(name="old", python_model=CnnlabModel(), artifacts={"bundle": str(trained.bundle)},
+                                      code_paths=[serving.package_copy(tmp_path / "code")])
+    old_folder = Path(mlflow.artifacts.download_artifacts(old.model_uri, dst_path=str(tmp_path / "old")))
+    assert (old_folder / "python_model.pkl").exists()
+    assert mlflow.pyfunc.load_model(str(old_folder)).predict(images) == answers
+    with pytest.raises(UntrustedModel, match=r"model file python_model.pkl .* log it again with this cnnlab: "
+                                             r"`cnnlab ensemble RUN_ID`.*--trust-model-code"):
+        load_model(old.model_uri)
+    assert load_model(old.model_uri, trust_model_code=True).predict(images) == answers
 
-    def __reduce__(self):
-        return (Path(self.path).touch, ())
+
+def test_a_model_logged_before_models_from_code_is_refused(tmp_path):
+    """The vgg_bn of tests/fixtures (logged by an older cnnlab, with python_model.pkl) is refused, saying how to log it
+    again; tests/test_layout.py shows MLflow itself still loads it."""
+    with tarfile.open(REPO / "tests" / "fixtures" / "model_before_move.tar.gz") as tar:
+        tar.extractall(tmp_path, filter="data")
+    with pytest.raises(UntrustedModel, match=r"model file python_model.pkl \(in .*/model\): a pickled Python object"):
+        verify_model(tmp_path / "model")
+
+
+TAMPERED = {  # the file named in the refusal -> how a model version's writer changed a copy of the champion
+    "model_code.py": lambda d: (d / "model_code.py").write_text((d / "model_code.py").read_text() + "# changed\n"),
+    "code/helpers.py": lambda d: (d / "code" / "helpers.py").write_text("import os\n"),
+    "python_model.pkl": lambda d: (d / "python_model.pkl").write_bytes(cloudpickle.dumps(CnnlabModel())),
+}
+
+
+@services
+def test_cnnlab_serve_refuses_a_tampered_model_unless_trusted(trained, monkeypatch, capsys):
+    """Each tampered copy, registered as a new version, is refused by `cnnlab serve` naming the file; the changed model
+    file, served with --trust-model-code, answers as the champion."""
+    from cnnlab import cli
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained.tracking_uri)
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    client = mlflow.MlflowClient()
+    client.create_registered_model("tampered")
+    for name, tamper in TAMPERED.items():
+        copy = trained.root / "tampered" / name.replace("/", "_")
+        shutil.copytree(trained.bundle.parents[1], copy)
+        tamper(copy)
+        version = client.create_model_version("tampered", str(copy)).version
+        assert cli.main(["serve", f"models:/tampered/{version}", "-p", "1"]) == 2
+        err = capsys.readouterr().err
+        assert f"model file {name} (in " in err and "--trust-model-code" in err, err
+    server = ModelServer(trained.root / "trusted", "models:/tampered/1", trained.tracking_uri, guarded=True,
+                         trust_model_code=True, env={"OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                                     "CNNLAB_SERVING_THREADS": str(torch.get_num_threads())})
+    try:
+        server.start(timeout=240)
+        images = [b64(f.read_bytes()) for f in trained.files[:4]]
+        r = requests.post(server.url + "/invocations", json=split(images), timeout=120)
+        assert r.status_code == 200, r.text
+        assert_same(r.json()["predictions"], trained.model.predict(frame(images)))
+    finally:
+        server.stop()
 
 
 @services

@@ -9,6 +9,7 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
 import tempfile
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from cnnlab.tracking import registry, tuning
 from cnnlab.tracking.experiments import make_config, run
 from cnnlab.stack import PG_BIN, SERVER_ENV, MlflowServer, Postgres, SeaweedFS, docker_secrets, read_env_file
 from cnnlab.stack.secrets import pgpass_password
+from cnnlab.stack.team import _tree
 from cnnlab.stack.supervisor import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -306,6 +308,144 @@ def test_database_password_rotation(team_stack, capsys):
     storage.engine.dispose()
 
 
+NOBODY = """while IFS= read -r f; do
+  if [ -S "$f" ]; then [ -w "$f" ] && echo "connect $f"
+  elif [ -d "$f" ]; then ls -- "$f" >/dev/null 2>&1 && echo "list $f"
+  else cat -- "$f" >/dev/null 2>&1 && echo "read $f"; fi
+done"""
+
+
+def as_nobody(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """A command as the unprivileged local user `nobody`."""
+    return subprocess.run(["runuser", "-u", "nobody", "--", *argv], input=stdin, capture_output=True, text=True,
+                          check=False, timeout=300)
+
+
+def open_to_nobody(paths: list[Path]) -> list[str]:
+    """What `nobody` can do with `paths`: `read FILE`, `list FOLDER`, `connect SOCKET`, one line each."""
+    return as_nobody("/bin/sh", "-c", NOBODY, stdin="\n".join(map(str, paths)) + "\n").stdout.splitlines()
+
+
+@services
+def test_another_local_user_reads_nothing_of_the_stack(on_stack, capsys):
+    """The issue's attack: an artifact's bytes sit in SeaweedFS' volume files; as `nobody`, who reaches the stack's root
+    (a planted world-readable file there is found), no file reads, no folder lists, no socket connects. A stack made
+    loose, as an older cnnlab made it, is tightened by the next `stack up` with one line, once."""
+    secret = f"artifact bytes {os.urandom(8).hex()}"
+    mlflow.set_experiment("private")
+    with mlflow.start_run():
+        mlflow.log_text(secret, "secret.txt")
+    root = on_stack.root
+    assert any(secret.encode() in p.read_bytes() for p in (root / "seaweedfs" / "data").rglob("*.dat"))
+    assert as_nobody("test", "-x", str(root)).returncode == 0  # its parent folders let nobody through
+
+    for path, mode in ((root, 0o755), (root / "postgres", 0o755), (root / "seaweedfs", 0o755),
+                       (root / "seaweedfs" / "data", 0o755), (root / "mlflow", 0o755), (root / "pgpass", 0o644)):
+        path.chmod(mode)  # as an older cnnlab left it
+    capsys.readouterr()
+    for expect in (True, False):
+        assert cli.main(["stack", "up", "--root", str(root)]) == 0
+        err = capsys.readouterr().err
+        assert ("6 files and folders in" in err and "open to other local users" in err) is expect, err
+    probe = root / "probe"
+    probe.write_text("readable")
+    probe.chmod(0o644)
+    try:
+        found = open_to_nobody([*_tree(root), *(s for s in on_stack.s3.grpc_sockets() if s.exists())])
+    finally:
+        probe.unlink()
+    assert found == [f"read {probe}"]
+    assert len(_tree(root)) > 100 and len([s for s in on_stack.s3.grpc_sockets() if s.exists()]) >= 3
+
+
+@services
+def test_s3_key_rotation(on_stack, capsys):
+    """`stack rotate s3`: the old key is refused, SeaweedFS and the MLflow server restart on the new one; artifacts
+    from before are still read, new ones stored."""
+    import boto3
+
+    mlflow.set_experiment("rotate_s3")
+    with mlflow.start_run() as before:
+        mlflow.log_dict({"when": "before"}, "before.json")
+    old = on_stack.s3.credentials()
+    assert cli.main(["stack", "rotate", "s3", "--root", str(on_stack.root)]) == 0
+    capsys.readouterr()
+    new = on_stack.s3.credentials()
+    assert new["AWS_SECRET_ACCESS_KEY"] != old["AWS_SECRET_ACCESS_KEY"]
+    for path in (on_stack.s3.config, on_stack.mlflow.aws_credentials):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    shared = on_stack.mlflow.aws_credentials.read_text()
+    assert new["AWS_SECRET_ACCESS_KEY"] in shared and old["AWS_SECRET_ACCESS_KEY"] not in shared
+    stale = boto3.client("s3", endpoint_url=on_stack.s3.endpoint, region_name="us-east-1",
+                         aws_access_key_id=old["AWS_ACCESS_KEY_ID"], aws_secret_access_key=old["AWS_SECRET_ACCESS_KEY"])
+    with pytest.raises(Exception, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        stale.list_objects_v2(Bucket=on_stack.bucket)
+    assert mlflow.artifacts.load_dict(f"{before.info.artifact_uri}/before.json") == {"when": "before"}
+    with mlflow.start_run() as after:
+        mlflow.log_dict({"when": "after"}, "after.json")
+    assert "after.json" in s3_keys(on_stack, after.info.artifact_uri)  # read with the new key
+
+
+@services
+def test_mlflow_database_password_rotation(on_stack, capsys):
+    """`stack rotate mlflow`: the old password is refused; the MLflow server, its connections cut, reconnects with
+    the new one from its PGPASSFILE (no restart)."""
+    pg, pgpass = on_stack.postgres, on_stack.mlflow.pgpass
+    old = pgpass_password(pgpass, "mlflow")
+    assert cli.main(["stack", "rotate", "mlflow", "--root", str(on_stack.root)]) == 0
+    capsys.readouterr()
+    new = pgpass_password(pgpass, "mlflow")
+    assert new != old and stat.S_IMODE(pgpass.stat().st_mode) == 0o600
+    for db in ("mlflow", "mlflow_auth"):
+        assert "password authentication failed" in refused(port=pg.port, user="mlflow", dbname=db, password=old)
+        assert run_as(pg, "mlflow", new, db, "SELECT 1") == [(1,)]
+    with pg.admin() as cur:
+        cur.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'mlflow'")
+        assert cur.fetchone()[0] >= 1
+    mlflow.set_experiment("rotate_mlflow")
+    with mlflow.start_run() as active:
+        mlflow.log_param("after", "rotation")
+    assert mlflow.get_run(active.info.run_id).data.params == {"after": "rotation"}
+
+
+@services
+def test_a_user_without_a_role_sees_nothing(on_stack):
+    """default_permission = READ is the floor of workspace members (role `team`) only: a user the admin made without a
+    role finds no experiment, run or model, and gets 403 for each one by id, its artifacts and any change."""
+    mlflow.set_experiment("roles")
+    with mlflow.start_run() as active:
+        mlflow.log_dict({"seen": "by whom"}, "seen.json")
+    MlflowClient().create_registered_model("roles_model")
+    password = "no-role-" + os.urandom(12).hex()
+    with on_stack._admin() as client:
+        client.create_user("norole", password)
+    api, run_id = f"{on_stack.mlflow.url}/api/2.0/mlflow", active.info.run_id
+    experiment_id = active.info.experiment_id
+
+    def ask(who, method: str, path: str, body=None) -> requests.Response:
+        return requests.request(method, f"{api}/{path}", json=body, auth=who, timeout=10)
+    bob_env = read_env_file(on_stack.users / "bob.env")
+    bob = (bob_env["MLFLOW_TRACKING_USERNAME"], bob_env["MLFLOW_TRACKING_PASSWORD"])
+    searches = (("POST", "experiments/search", {"max_results": 100}, "experiments"),
+                ("POST", "runs/search", {"experiment_ids": [experiment_id]}, "runs"),
+                ("GET", "registered-models/search", None, "registered_models"))
+    for method, path, body, key in searches:
+        assert ask(bob, method, path, body).json().get(key), path  # a read-only user finds them
+        answer = ask(("norole", password), method, path, body)
+        assert answer.status_code == 200 and not answer.json().get(key), (path, answer.text)
+    gets = ((f"experiments/get?experiment_id={experiment_id}", None), (f"runs/get?run_id={run_id}", None),
+            ("registered-models/get?name=roles_model", None))
+    for path, body in gets:
+        assert ask(bob, "GET", path).status_code == 200, path
+        assert ask(("norole", password), "GET", path).status_code == 403, path
+    artifact = f"{on_stack.mlflow.url}/get-artifact?path=seen.json&run_uuid={run_id}"
+    assert requests.get(artifact, auth=bob, timeout=10).status_code == 200
+    assert requests.get(artifact, auth=("norole", password), timeout=10).status_code == 403
+    assert ask(("norole", password), "POST", "experiments/create", {"name": "norole"}).status_code == 403
+    assert ask(("norole", password), "POST", "runs/log-parameter",
+               {"run_id": run_id, "key": "k", "value": "v"}).status_code == 403
+
+
 def test_storage_url_with_password_refused(tmp_path, monkeypatch):
     """A password in --storage (a command line, or an `mlflow run -P` value MLflow logs as a param) is refused."""
     space = tmp_path / "s.yaml"
@@ -332,7 +472,8 @@ def test_run_artifacts_in_s3_registered_and_served(on_stack, fmnist_dir, tmp_pat
     assert {"config.json", "data_summary.json", "evaluation/curves.png"} <= keys
     (logged,) = mlflow.search_logged_models(experiment_ids=[finished.info.experiment_id], output_format="list",
                                             filter_string=f"source_run_id = '{result['run_id']}'")
-    assert {"MLmodel", "python_model.pkl"} <= s3_keys(on_stack, logged.artifact_location)
+    model_files = s3_keys(on_stack, logged.artifact_location)
+    assert {"MLmodel", "model_code.py", "artifacts/model.pt"} <= model_files and "python_model.pkl" not in model_files
 
     sign_in("bob")  # read-only: reads the run, may not register it or move an alias
     capsys.readouterr()

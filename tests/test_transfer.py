@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,12 +11,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from cnnlab import cli
 from cnnlab.tracking import experiments, runs as tracking, transfer
 from cnnlab.core.data import load_splits
+from payload import Payload
 
 PARAMS = {"epochs": 1, "limit": 300, "eval_batch_size": 256}
 
@@ -145,6 +148,20 @@ def test_half_precision_weights_predict_nearly_the_same(source, tmp_path, fmnist
     half = predictions(dest, imported.model_id, images)
     exact = predictions(source["uri"], model_id, images)
     assert np.abs(half - exact).max() < 5e-3 and (half.argmax(1) == exact.argmax(1)).mean() >= 0.98
+
+
+def test_a_model_file_that_needs_code_to_load_is_left_unrun(tmp_path, caplog):
+    """Casting weights reads each downloaded model.pt as weights only: one holding a pickled object is left as it is,
+    with a warning, and the object never runs."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "model" / "artifacts" / "model.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": Payload(marker)}, path)
+    before = path.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tracking.transfer"):
+        transfer.cast_weights(tmp_path / "model", "fp16")
+    assert path.read_bytes() == before and not marker.exists()
+    assert f"{path} left as it is: not a cnnlab bundle of weights only" in caplog.text
 
 
 def test_bad_sources_are_named(tmp_path, source):

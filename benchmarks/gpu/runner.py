@@ -38,7 +38,7 @@ from cnnlab.core.config import parse_params
 from cnnlab.core.schema import Strict, read_yaml, validate
 
 REPO = Path(__file__).resolve().parents[2]
-NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
+NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.serving.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
 
 
 HEADS = {"cnnlab": [sys.executable, "-m", "cnnlab"], "python": [sys.executable], "python3": [sys.executable]}

@@ -174,7 +174,7 @@ def cmd_serve(args) -> int:
     from cnnlab.serving.guard import serve
 
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-          timeout=args.timeout)
+          timeout=args.timeout, trust_model_code=args.trust_model_code)
     return 0
 
 
@@ -320,7 +320,9 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
     "serve": ("serve a model over REST: MLflow's scoring app behind a guard",
               "Serve a logged or registered model with MLflow's own scoring app behind a small guard: body size, JSON "
               "depth,\nContent-Type, requests in progress (503 + Retry-After) and time-outs; limits are environment "
-              "variables\n(serving/README.md). `mlflow models serve` serves the same model without the guard.\n\n"
+              "variables\n(serving/README.md). A model that would run code other than this cnnlab's is refused "
+              "(--trust-model-code:\ndocs/SECURITY.md). `mlflow models serve` serves the same model without the guard "
+              "or the check.\n\n"
               "  cnnlab serve models:/fer_cnn@champion -p 5000\n  cnnlab serve runs:/RUN_ID/model --workers 2"),
     "demo": ("a page to try a served model: photo or webcam, each face's emotion",
              "Serve a page where you upload a photo or use the webcam and see each face boxed with its emotion "
@@ -443,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per worker (default: cores / workers)")
     p.add_argument("-t", "--timeout", type=_argument("int", least=0), default=0,
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="load the model without checking that it runs only this cnnlab's code (docs/SECURITY.md)")
     p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")

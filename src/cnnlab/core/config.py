@@ -13,6 +13,12 @@ from cnnlab.core.training import OPTIMIZERS, SCHEDULES, TrainConfig
 DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
 
 
+def foreign_options(dataset: str) -> set[str]:
+    """The Config fields that only other datasets read: they never affect a run on `dataset`."""
+    own = {o.name for o in data.get(dataset).options}
+    return {o.name for name in data.names() for o in data.get(name).options} - own
+
+
 @dataclass
 class Config(DataOptions, TrainConfig):
     experiment: str = "fmnist_cnn"
@@ -104,8 +110,9 @@ class Config(DataOptions, TrainConfig):
         return " ".join([self.experiment, *changed])
 
     def digest(self) -> str:
-        """Hash of every setting that changes the result (not the run name or where the data lives)."""
-        skip = ("run_name", "data_dir", "log_model", "eval_test", "device")
+        """Hash of every setting that changes the result: not the run name or where the data lives, nor other datasets'
+        options (adding one leaves this run's identity, and so its checkpoints, alone)."""
+        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", *foreign_options(self.dataset)}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

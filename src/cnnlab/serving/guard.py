@@ -23,6 +23,7 @@ import numpy as np
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cnnlab.serving.model import settings_from_env
+from cnnlab.serving.verify import verify_model
 
 MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
 MEDIA_TYPES = ("application/json", "text/csv")  # not Parquet: a small compressed body can expand without bound
@@ -231,9 +232,9 @@ def create_app():
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, threads: int = 0,
-          timeout: int = 0) -> None:
-    """Download the model once, then run `workers` uvicorn workers of the guarded app, each with `threads` torch threads
-    (default: CNNLAB_SERVING_THREADS, else cores / workers: oversubscribed cores collapse throughput)."""
+          timeout: int = 0, trust_model_code: bool = False) -> None:
+    """Download the model once, verify it (verify.py) unless `trust_model_code`, then run `workers` uvicorn workers of
+    the guarded app, each with `threads` torch threads (default: CNNLAB_SERVING_THREADS, else cores / workers)."""
     import mlflow
     import uvicorn
     from mlflow.exceptions import MlflowException
@@ -256,6 +257,8 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
             raise RuntimeError(f"cannot download model {model_uri}: {e.message}") from None
         if "python_function" not in Model.load(Path(local) / "MLmodel").flavors:
             raise RuntimeError(f"{model_uri} has no python_function flavor: not a model `cnnlab serve` can serve")
+        if not trust_model_code:
+            verify_model(local)
         os.environ[MODEL_ENV] = local
         if threads:
             os.environ["CNNLAB_SERVING_THREADS"] = str(threads)

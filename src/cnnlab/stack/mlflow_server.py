@@ -23,6 +23,9 @@ SERVER_ENV = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_RETRY_MODE": "standard", "
 
 def auth_ini(database_uri: str) -> str:
     """MLflow's basic_auth.ini: users and roles in `database_uri`; what a user may do comes from its role (ROLES)."""
+    # default_permission is the floor only for members of the workspace (workspace USE: role `team`) on resources
+    # without a grant; with no default workspace access, a user without a role is no member: its searches come back
+    # empty and every experiment, run, artifact and model answers 403
     return (f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {database_uri}\nadmin_username = {ADMIN}\n"
             f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             f"grant_default_workspace_access = false\n"

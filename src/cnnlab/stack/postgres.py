@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from cnnlab.stack.secrets import private_value, scram_verifier, write_private
-from cnnlab.stack.supervisor import HOST, reserve_ports, saved_ports, wait_for
+from cnnlab.stack.supervisor import HOST, PRIVATE, reserve_ports, saved_ports, wait_for
 
 PG_BIN = Path(os.environ.get("CNNLAB_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PG_SUPERUSER = "cnnlab"  # bootstrap superuser: only `cnnlab stack` uses it, clients never
@@ -63,7 +63,7 @@ class Postgres:
         argv = [str(PG_BIN / cmd[0]), *cmd[1:]]
         if self.os_user:
             argv = ["runuser", "-u", self.os_user, "--", *argv]
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, umask=PRIVATE)
         if check and out.returncode:
             raise RuntimeError(f"{cmd[0]} failed ({out.returncode}): {(out.stderr or out.stdout).strip()[-2000:]}")
         return out
@@ -78,9 +78,9 @@ class Postgres:
             shutil.chown(path, self.os_user, self.os_user)
 
     def _initdb(self) -> None:
-        self.root.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)  # the service user passes through, lists nothing
         self.pgdata.mkdir(mode=0o700)
-        self.log.touch()
+        self.log.touch(mode=0o600)
         for path in (self.pgdata, self.log):
             self._give(path)
         reachable = ["runuser", "-u", self.os_user or "", "--", "test", "-w", str(self.pgdata)]

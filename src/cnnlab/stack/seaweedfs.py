@@ -110,7 +110,7 @@ class SeaweedFS(Daemon):
     def start(self, timeout: float = 90) -> "SeaweedFS":
         if not self.running():
             self.ports = reserve_ports(self.root / "ports.json", {k: self.wanted.get(k, 0) for k in self.PORTS})
-            (self.root / "data").mkdir(parents=True, exist_ok=True)
+            (self.root / "data").mkdir(mode=0o700, parents=True, exist_ok=True)
             self.credentials()
             self._secure()
         super().start(timeout)
@@ -127,9 +127,13 @@ class SeaweedFS(Daemon):
     def ensure_bucket(self, bucket: str, timeout: float = 60) -> None:
         ensure_bucket(self.client(), bucket, timeout, self.log)
 
+    def grpc_sockets(self) -> list[Path]:
+        """weed's unix sockets for its own gRPC calls: fixed in /tmp (no flag moves them), made 0700 by the umask."""
+        return [Path(f"/tmp/seaweedfs-{key.split('_')[0]}-grpc-{self.ports.get(key)}.sock")
+                for key in ("master_grpc", "volume_grpc", "filer_grpc", "s3_grpc")]
+
     def stop(self, grace: float = 3) -> None:
         """weed's graceful shutdown can hang on a lone node; its stores survive a kill (journaled)."""
         super().stop(grace)
-        for key in ("master_grpc", "volume_grpc", "filer_grpc", "s3_grpc"):  # weed leaves these in /tmp
-            kind = key.split("_")[0]
-            Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports.get(key)}.sock").unlink(missing_ok=True)
+        for sock in self.grpc_sockets():  # weed leaves these behind
+            sock.unlink(missing_ok=True)

@@ -10,24 +10,13 @@ import ipaddress
 import os
 import secrets
 from pathlib import Path
-from cnnlab.stack.supervisor import HOST
+from cnnlab.stack.supervisor import HOST, write_private
 
 CREDENTIAL_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def new_password() -> str:
     return secrets.token_urlsafe(24)  # 32 characters of [A-Za-z0-9_-]: safe in URLs, pgpass and env files
-
-
-def write_private(path: Path, text: str) -> Path:
-    """Write `text` to `path` with mode 0600 from the file's creation (a new file renamed over any old one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
 
 
 def private_value(path: Path) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,21 @@ def wait_for(check, what: str, timeout: float = 60.0, proc: subprocess.Popen | N
     raise RuntimeError(f"{what} {state}" + (f"; log {log}:\n{tail}" if tail else ""))
 
 
+PRIVATE = 0o077  # the umask of the stack's services: what they create only their own user reads
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path` with mode 0600 from the file's creation (a new file renamed over any old one); a missing
+    folder is made 0700."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
 def saved_ports(path: Path) -> dict[str, int]:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -57,8 +73,7 @@ def reserve_ports(path: Path, wanted: dict[str, int]) -> dict[str, int]:
         if not port and saved.get(name) and not port_open(saved[name]):
             port = saved[name]
         ports[name] = port or free_port()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**saved, **ports}))
+    write_private(path, json.dumps({**saved, **ports}))
     return ports
 
 
@@ -113,11 +128,11 @@ class Daemon:
     def start(self, timeout: float = 90) -> "Daemon":
         """Start unless running; wait until healthy; idempotent."""
         if not self.running():
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.log, "ab") as log:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with os.fdopen(os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log:
                 proc = subprocess.Popen(self.argv(), cwd=self.root, env=self.env(), stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            self.pidfile.write_text(str(proc.pid))
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, umask=PRIVATE)
+            write_private(self.pidfile, str(proc.pid))
         else:
             proc = None
         wait_for(self.healthy, self.name, timeout, proc, self.log)

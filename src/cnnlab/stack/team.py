@@ -7,6 +7,8 @@ import contextlib
 import os
 import re
 import secrets
+import stat
+import sys
 from pathlib import Path
 from cnnlab.stack.mlflow_server import ADMIN, MlflowServer, ROLES, WORKSPACE, auth_ini, aws_credentials
 from cnnlab.stack.postgres import DB_OWNERS, Postgres
@@ -38,8 +40,8 @@ class Stack:
 
     def up(self) -> dict[str, str]:
         """Start what is not running, each waited on until healthy; returns the URLs."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.root.chmod(0o755)  # the PostgreSQL OS user must reach its data folder
+        self.root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self._tighten()
         self.users.mkdir(mode=0o700, exist_ok=True)
         self.postgres.start()
         for role, databases in DB_OWNERS.items():
@@ -51,6 +53,26 @@ class Stack:
         self.mlflow.start()
         self._roles()
         return self.urls()
+
+    def _tighten(self) -> None:
+        """A stack made by an older cnnlab, once: nothing in it that another local user reaches (folders 0700; the
+        root and postgres/ 0711, so the PostgreSQL OS user passes through to its own folder; files in those 0600)."""
+        passable = {self.root, self.postgres.root}
+        reachable = passable | {sock.parent for sock in self.s3.grpc_sockets()}
+        loose = 0
+        for path in [*_tree(self.root), *self.s3.grpc_sockets()]:
+            with contextlib.suppress(FileNotFoundError):  # a running service removed it meanwhile
+                mode = path.lstat().st_mode
+                if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or path.parent in reachable):
+                    continue  # in a 0700 folder, out of reach whatever its mode (weed makes its *.vif files 0644)
+                want = 0o711 if path in passable else stat.S_IMODE(mode) & 0o700
+                if stat.S_IMODE(mode) != want:
+                    path.chmod(want)
+                    loose += 1
+        if loose:
+            print(f"cnnlab stack: {loose} files and folders in {self.root} were open to other local users: made them "
+                  f"private; restart a running stack (`cnnlab stack down`, `cnnlab stack up`) so its services "
+                  f"create private files too", file=sys.stderr)
 
     def down(self) -> None:
         self.mlflow.stop()
@@ -123,7 +145,7 @@ class Stack:
 
     def _roles(self) -> dict[str, int]:
         """MLflow roles by name (created on first use): `team` writes to every experiment, run and model of the
-        others and creates new ones; `read-only` reads them. A user without a role sees nothing."""
+        others and creates new ones; `read-only` reads them. A user without a role: see auth_ini."""
         with self._admin() as client:
             roles = {r.name: r.id for r in client.list_roles(WORKSPACE)}
             for name, grants in ROLES.items():
@@ -189,6 +211,11 @@ class Stack:
         with self._admin() as client:
             client.delete_user(name)
         self._credentials_path(name, None).unlink(missing_ok=True)
+
+
+def _tree(root: Path) -> list[Path]:
+    """Every folder and file under `root` (itself too), symbolic links not followed."""
+    return [Path(top) / name for top, _, files in os.walk(root) for name in ["", *files]]
 
 
 def docker_secrets(folder: Path | str) -> list[str]:

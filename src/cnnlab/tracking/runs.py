@@ -57,13 +57,22 @@ def system_metrics() -> bool:
     return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get() if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined else True
 
 
+def ui_address(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in MLflow's UI (in its model-training layout) on an http(s) tracking server, else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/{_page(experiment_id, run_id)}"
+
+
+def _page(experiment_id: str, run_id: str) -> str:
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_url(run) -> str:
-    """Where to see the run in MLflow's UI (in its model-training layout)."""
-    uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+    """Where to see the run in MLflow's UI: its address, or how to open a local store's UI at it."""
+    uri, info = mlflow.get_tracking_uri(), run.info
+    return ui_address(uri, info.experiment_id, info.run_id) or \
+        f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{_page(info.experiment_id, info.run_id)}"
 
 
 def git_info() -> dict[str, str]:
@@ -176,9 +185,8 @@ def log_split(split: Split, context: str):
 
 # MLflow's advice that does not apply to the cnnlab pyfunc, so a user could not act on it: predict takes base64 images
 # or pixel arrays and checks them itself against the explicit signature; the integer output (class_index) is never
-# missing; CnnlabModel holds no state (the weights are an artifact), so pickling it is safe.
-ADVICE = ("Add type hints to the `predict` method", "Hint: Inferred schema contains integer column",
-          "Passing a Python object as `python_model`")
+# missing.
+ADVICE = ("Add type hints to the `predict` method", "Hint: Inferred schema contains integer column")
 
 
 class _NoAdvice(logging.Filter):
@@ -220,8 +228,8 @@ def log_bundle(data: dict, example, step: int = 0) -> str:
         path = Path(tmp) / "model.pt"
         torch.save(data, path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=serving.CnnlabModel(), artifacts={"bundle": str(path)},
+        info = mlflow.pyfunc.log_model(  # models-from-code: the model is a file cnnlab ships, nothing pickled
+            name="model", python_model=str(serving.MODEL_CODE), artifacts={"bundle": str(path)},
             code_paths=[serving.package_copy(Path(tmp) / "code")], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements(), step=step)
     return info.model_id

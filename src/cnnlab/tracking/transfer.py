@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import pickle
 import re
 import shutil
 import socket
@@ -25,6 +27,8 @@ from mlflow.entities import (Dataset, DatasetInput, InputTag, LoggedModelInput, 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from cnnlab.tracking import runs
+
+log = logging.getLogger(__name__)
 
 FORMAT = "cnnlab-runs"
 MANIFEST = "manifest.json"
@@ -128,7 +132,11 @@ def cast_weights(model_dir: Path, dtype: str) -> None:
     import torch
 
     for path in model_dir.rglob("model.pt"):
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)  # a downloaded file runs no code here
+        except pickle.UnpicklingError as e:
+            log.warning("%s left as it is: not a cnnlab bundle of weights only (%s)", path, str(e)[:200])
+            continue
         if not isinstance(data, dict) or "state_dict" not in data:
             continue
         target = torch.float16 if dtype == "fp16" else torch.bfloat16
