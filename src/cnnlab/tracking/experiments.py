@@ -88,6 +88,8 @@ def _log_data(trained: pipeline.Trained) -> dict:
     for file_name, record in pipeline.data_records(cfg).items():
         mlflow.log_dict(record, file_name)
     mlflow.log_param("model_parameters", models.count_parameters(model))
+    # the factory's arguments that no config field holds (or holds otherwise, e.g. image_size 0): every value logged
+    mlflow.log_params({f"model.{k}": v for k, v in trained.spec.items() if k != "name" and getattr(cfg, k, None) != v})
     if not trained.members:  # an ensemble's members normalize each for itself
         mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std})
     return datasets
