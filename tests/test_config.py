@@ -12,6 +12,7 @@ import yaml
 
 from cnnlab import cli
 from cnnlab.core import config, data, models, pipeline
+from cnnlab.core.training import TrainConfig
 from cnnlab.tracking.reproduce import load_claims
 from conftest import REPO
 
@@ -144,3 +145,14 @@ def test_each_model_owns_its_defaults_and_a_preset_says_only_what_differs():
     spec = pipeline.model_spec(mlp, 3, 28)  # every argument of the factory, those no config field holds too
     assert set(spec) == {"name", *models.defaults("mlp")} and spec["image_size"] == 28 and spec["dropout"] == 0.2
     assert models.create(**spec)(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+
+
+def test_the_loops_fields_are_checked_by_trainconfig_and_configs_choices_extend_its_own():
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1.0"):
+        TrainConfig(weight_decay=-1.0).validate()
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adam', .*\], got 'lbfgs'"):
+        TrainConfig(optimizer="lbfgs").validate()
+    fmnist = config.make_config("fmnist_cnn")
+    assert TrainConfig().choices().items() <= fmnist.choices().items() and "model" in fmnist.choices()
+    with pytest.raises(ValueError, match=r"tta must be one of"):
+        config.make_config("fmnist_cnn", tta="sometimes").validate()

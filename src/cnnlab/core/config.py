@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 from cnnlab.core import data, models
 from cnnlab.core.augment import AUGMENTS, ERASE_MIN_AREA, TTA
-from cnnlab.core.devices import PRECISIONS
-from cnnlab.core.training import OPTIMIZERS, SCHEDULES, TrainConfig
+from cnnlab.core.training import CHOICES, TrainConfig
 
 DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
 
@@ -51,11 +50,11 @@ class Config(DataOptions, TrainConfig):
     eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
     run_name: str = ""
 
+    def choices(self) -> dict[str, tuple]:
+        return allowed_values(datasets=False)
+
     def validate(self) -> None:
-        super().validate()
-        for name, allowed in allowed_values(datasets=False).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        super().validate()  # the closed sets of choices() and the training fields' ranges
         self._validate_data()
         if self.freeze != "none" and self.model != "resnet18":
             raise ValueError(f"freeze={self.freeze!r} applies to resnet18 only, not {self.model!r}")
@@ -74,7 +73,7 @@ class Config(DataOptions, TrainConfig):
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if not ERASE_MIN_AREA < self.erase_area <= 1:
             raise ValueError(f"erase_area must be in ({ERASE_MIN_AREA}, 1], got {self.erase_area}")
-        for name in ("mixup", "cutmix", "weight_decay"):
+        for name in ("mixup", "cutmix"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.teacher and self.distill_alpha == 0:
@@ -183,10 +182,20 @@ def make_config(experiment: str, **overrides) -> Config:
     return Config(**{**{k: v for k, v in owned.items() if k in known}, **settings})
 
 
+QUICK_LIMIT = 400  # quick mode: a smoke check that the whole pipeline runs, never a measurement
+QUICK_IMAGE_SIZE = 48
+
+
+def quick_overrides(cfg: Config, limit: int = QUICK_LIMIT) -> dict:
+    """The overrides that shrink `cfg` to a smoke check: 1 epoch (and at most 1 unfreezing one), at most `limit`
+    training images, at most QUICK_IMAGE_SIZE px."""
+    out = {"epochs": 1, "unfreeze_epochs": min(cfg.unfreeze_epochs, 1), "limit": limit}
+    return {**out, "image_size": QUICK_IMAGE_SIZE} if cfg.image_size > QUICK_IMAGE_SIZE else out
+
+
 def allowed_values(datasets: bool = True) -> dict[str, tuple]:
     """Every Config field with a closed set of values, and the set; with `datasets`, the dataset options' too."""
-    allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()),
-               "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+    allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()), **CHOICES,
                "freeze": tuple(models.FREEZE_STAGES), "augment": AUGMENTS, "tta": TTA, "head": models.HEADS,
                "variant": models.VARIANTS, "in_chans": (1, 3)}
     options = {o.name: o.allowed for name in data.names() for o in data.get(name).options if o.allowed}
