@@ -26,14 +26,12 @@ from pydantic import Field
 
 from cnnlab.tracking import compare, experiments, runs
 from cnnlab.core import logs, models, pipeline, stats
-from cnnlab.core.config import Config, make_config, parse_value
+from cnnlab.core.config import QUICK_IMAGE_SIZE, QUICK_LIMIT, Config, make_config, parse_value, quick_overrides
 from cnnlab.core.schema import Strict, read_yaml, validate
 
 log = logging.getLogger(__name__)
 
 CLAIMS = Path(__file__).with_name("claims.yaml")
-QUICK_LIMIT = 400
-QUICK_IMAGE_SIZE = 48
 FIGURES = {"confusion matrix": "evaluation/test_confusion_matrix.png", "ROC": "evaluation/test_roc.png"}
 COLUMNS = ["Experiment", "Protocol", "Claimed", "Measured (test) [95% CI]", "Claim vs CI", "Validation", "Difference",
            "Why it differs", "Epochs", "Wall time", "Run"]
@@ -177,10 +175,7 @@ def row_config(row: Row, quick: bool, overrides: dict) -> Config:
     """The row's config: preset + the report's settings, shrunk in quick mode, then the user's overrides."""
     params = dict(row.params)
     if quick:
-        cfg = make_config(row.experiment, **params)
-        params.update(epochs=1, unfreeze_epochs=min(cfg.unfreeze_epochs, 1), limit=QUICK_LIMIT)
-        if cfg.image_size > QUICK_IMAGE_SIZE:
-            params["image_size"] = QUICK_IMAGE_SIZE
+        params.update(quick_overrides(make_config(row.experiment, **params)))
     try:
         cfg = make_config(row.experiment, **{**params, **overrides, "run_name": row.name})
         cfg.validate()

@@ -303,7 +303,7 @@ def _stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 
 def _drop_checkpoints(run_id: str) -> None:
     """A trial's checkpoints are never resumed (a retried trial is a new trial with a new run)."""
-    shutil.rmtree(experiments.CHECKPOINT_ROOT / f"run-{run_id}", ignore_errors=True)
+    shutil.rmtree(experiments.checkpoint_dir(run_id), ignore_errors=True)
 
 
 def open_study(spec: dict, storage: optuna.storages.RDBStorage) -> optuna.Study:
