@@ -31,9 +31,9 @@ def write_space(folder: Path, name: str, **spec) -> Path:
     return path
 
 
-def study_runs(study: str) -> dict[str, list]:
+def study_runs(study: str, experiment: str = "fmnist_mlp") -> dict[str, list]:
     """The study's MLflow runs by role: parent, trials (by trial number), final."""
-    runs = mlflow.search_runs(experiment_names=["fmnist_mlp"], filter_string=f"tags.study = '{study}'",
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.study = '{study}'",
                               output_format="list")
     trials = sorted((r for r in runs if "trial_number" in r.data.tags), key=lambda r: int(r.data.tags["trial_number"]))
     return {"parent": [r for r in runs if r.data.tags.get("tuning") == "study"], "trials": trials,
@@ -176,25 +176,32 @@ def trials_in(storage: str, name: str) -> list:
         return []
 
 
-def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
-    path = write_space(tmp_path, "resume", n_trials=2, heartbeat_interval=1,
+def metric_steps(run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_retried_from_its_checkpoint(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "resume", experiment="fmnist_cnn", fixed={"epochs": 3, "limit": 600},
+                       n_trials=2, heartbeat_interval=1,
                        space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
                        sampler={"type": "tpe", "seed": 0, "n_startup_trials": 2})
     cmd = [sys.executable, "-m", "cnnlab", "tune", str(path), "--no-final", "-P", f"data_dir={fmnist_dir}"]
     worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def second_trial_running():
+        def second_trial_past_epoch_1():
             trials = trials_in("sqlite:///optuna.db", "resume")
-            running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
             return trials[:1] and trials[0].state == TrialState.COMPLETE and running and trials
-        trials = wait_for(second_trial_running, 180, "trial 1 to start")
+        trials = wait_for(second_trial_past_epoch_1, 300, "trial 1 to finish its first epoch")
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     killed = next(t for t in optuna.load_study(study_name="resume", storage="sqlite:///optuna.db").get_trials()
                   if t.state == TrialState.RUNNING)
-    parent_id = study_runs("resume")["parent"][0].info.run_id
+    (checkpoint,) = Path(".cnnlab/checkpoints").glob(f"trial-resume-{killed.number}-*/last.pt")  # this folder's
+    parent_id = study_runs("resume", "fmnist_cnn")["parent"][0].info.run_id
     assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # nobody ended it
     time.sleep(3)  # past the grace period: two missed heartbeats
 
@@ -208,11 +215,21 @@ def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert [t.state for t in after].count(TrialState.COMPLETE) == 2 and len(after) == 3  # the dead one not counted
     assert summary["n_complete"] == 2 and summary["parent_run_id"] == parent_id
+    assert summary["epochs_spent"] == 6 and summary["images_spent"] == 6 * after[0].user_attrs["epoch_images"]
+    assert not checkpoint.parent.exists()  # a completed trial is never resumed
 
-    runs = study_runs("resume")
+    runs = study_runs("resume", "fmnist_cnn")
     assert [r.data.tags["trial_number"] for r in runs["trials"]] == ["0", "1", "2"]
     dead = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
     assert dead.info.status == "FAILED" and "heartbeat" in dead.data.tags["error"]
+    resumed = mlflow.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["retry_of_trial"] == str(killed.number) and resumed.data.tags["retry_of_run"] == dead.info.run_id
+    carried = int(resumed.data.tags["resumed_from_epoch"])
+    assert 1 <= carried < 3 and len(killed.intermediate_values) <= carried
+    # the carried epochs were not trained again: their wall time is the dead run's, to the last digit
+    dead_seconds, resumed_seconds = metric_steps(dead.info.run_id, "epoch_seconds"), metric_steps(resumed.info.run_id, "epoch_seconds")
+    assert sorted(resumed_seconds) == [1, 2, 3]
+    assert all(resumed_seconds[step] == dead_seconds[step] for step in dead_seconds)
     assert [r.info.status for r in runs["trials"]].count("FINISHED") == 2
     assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
 

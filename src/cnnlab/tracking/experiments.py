@@ -30,11 +30,11 @@ def _checkpoint_dir(cfg: Config) -> Path:
 
 
 def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, nested: bool = False,
-        run_id: str | None = None) -> dict:
+        run_id: str | None = None, checkpoint_dir: Path | None = None) -> dict:
     """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics.
 
     A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
-    resumes the same MLflow run at the next epoch.
+    resumes the same MLflow run at the next epoch. A nested run resumes only from `checkpoint_dir` (a retried trial's).
     """
     runs.init_tracking(cfg.experiment)
     ckpt_dir = _checkpoint_dir(cfg)
@@ -46,7 +46,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         log.info("run %s (%s) in experiment %s", active.info.run_id, name, active.info.experiment_id)
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint
-            ckpt_dir = CHECKPOINT_ROOT / f"run-{active.info.run_id}"
+            ckpt_dir = checkpoint_dir or CHECKPOINT_ROOT / f"run-{active.info.run_id}"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
@@ -127,6 +127,7 @@ def _carry_over(checkpoint: Checkpoint, run_id: str, previous_run: str | None) -
     for epoch, metrics in enumerate(state["history"]):
         if epoch + 1 not in logged:
             mlflow.log_metrics(metrics, step=epoch + 1)
+    mlflow.set_tag("resumed_from_epoch", len(state["history"]))  # the epochs carried over, not trained again
     if previous_run and previous_run != run_id:
         mlflow.set_tag("resumed_from_run", previous_run)
 
