@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from cnnlab import cli
-from cnnlab.core import config
+from cnnlab.core import config, devices
 from cnnlab.tracking import tuning
 
 SMALL = {"epochs": 1, "limit": 200}  # 200 train / 50 val / 50 test images of 3 Fashion-MNIST classes
@@ -260,6 +260,7 @@ def postgres():
 @pytest.mark.services
 def test_two_workers_share_one_postgres_study(fmnist_dir, tmp_path, postgres, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres.url("mlflow"))  # parallel writers: a server database
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a fake 4-GPU host: each worker gets one of its own
     path = write_space(tmp_path, "parallel", n_trials=4, storage=postgres.url("optuna"),
                        space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
@@ -278,6 +279,23 @@ def test_two_workers_share_one_postgres_study(fmnist_dir, tmp_path, postgres, mo
     assert {r.data.tags["mlflow.parentRunId"] for r in runs["trials"]} == {summary["parent_run_id"]}
     assert all(r.info.status == "FINISHED" for r in runs["trials"])
     assert len({r.data.tags["worker"] for r in runs["trials"]}) == 2  # both processes ran trials
+    placed = {(r.data.tags["worker"], r.data.tags["cuda_visible_devices"]) for r in runs["trials"]}
+    assert sorted(gpu for _, gpu in placed) == ["0", "1"]  # one GPU per worker, never shared
+
+
+def test_workers_get_disjoint_gpus_from_the_device_list(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a 4-GPU host, as the environment describes it
+    assert devices.place_workers(4) == [["0"], ["1"], ["2"], ["3"]]
+    assert devices.place_workers(2, per_worker=2) == [["0", "1"], ["2", "3"]]  # DDP-sized sets
+    with pytest.raises(ValueError, match="5 workers x 1 GPU.* need 5 GPUs, this host has 4 .*--workers 4"):
+        devices.place_workers(5)
+    path = write_space(tmp_path, "crowded", storage="postgresql://u@localhost/optuna",
+                       space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    with pytest.raises(ValueError, match="need 5 GPUs"):
+        tuning.tune(tuning.load_spec(path), workers=5)
+    assert mlflow.search_runs(search_all_experiments=True).empty  # refused before any run started
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert devices.place_workers(8) is None  # no GPU: workers share the CPU threads
 
 
 def test_cli_tune_and_its_errors(fmnist_dir, tmp_path, capsys):

@@ -341,7 +341,7 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     retry = {} if retried is None else {"retry_of_trial": str(retried),
                                         "retry_of_run": frozen.user_attrs.get("mlflow_run_id", "")}
     run_id = child_run(spec, parent_id, cfg.run_name, trial_number=str(trial.number),
-                       worker=f"{socket.gethostname()}:{os.getpid()}", **retry)
+                       worker=f"{socket.gethostname()}:{os.getpid()}", **retry, **placed())
     ckpt_dir = trial_checkpoints(spec, cfg, trial.number if retried is None else retried)
     trial.set_user_attr("mlflow_run_id", run_id)
     budget, epochs = spec["budget_images"], cfg.total_epochs()
@@ -363,6 +363,12 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
                                checkpoint_dir=ckpt_dir)["val_accuracy"]
     finally:  # complete, pruned or failed: never resumed (a dead worker never gets here: its retry resumes)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def placed() -> dict:
+    """The worker's GPUs as a run tag, when it was given some."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {} if visible is None else {"cuda_visible_devices": visible}
 
 
 def child_run(spec: dict, parent_id: str, name: str, **tags) -> str:
@@ -410,10 +416,12 @@ def _die_with(driver: int) -> None:
 
 
 def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, driver: int,
-            log_settings: tuple | None) -> None:
-    """A worker process: dies with its driver; its own storage connections, a share of the CPU threads, the
-    parent's log settings."""
+            log_settings: tuple | None, gpus: list[str] | None) -> None:
+    """A worker process: dies with its driver; its own storage connections, its GPUs (before CUDA starts) or a
+    share of the CPU threads, the parent's log settings."""
     _die_with(driver)
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     if log_settings:
         logs.setup(*log_settings)
     torch.set_num_threads(threads)
@@ -435,9 +443,10 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
         optimize(storage, spec, parent_id, todo)
         return
     threads = devices.threads_per_worker(workers)
+    gpus = devices.place_workers(workers) or [None] * workers
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
-    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid(), logs.settings),
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid(), logs.settings, gpus[i]),
                            name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
@@ -554,6 +563,8 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
     if workers > 1 and spec["storage"].startswith("sqlite"):
         raise ValueError(f"--workers {workers} needs PostgreSQL: SQLite is not safe for parallel writers; use "
                          f"--storage postgresql://USER@HOST/DB (e.g. the optuna_storage URL `cnnlab stack up` prints)")
+    if workers > 1:
+        devices.place_workers(workers)  # refused here, before the study's run starts, when GPUs are too few
     if workers > 1 and runs.init_tracking().startswith("sqlite"):
         log.warning("%d workers write MLflow runs into one SQLite file; under load it may answer 'database is "
                     "locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", workers)
