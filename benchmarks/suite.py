@@ -39,6 +39,7 @@ def run_job(name: str, experiment: str, overrides: dict, out: Path, threads: int
 
     from cnnlab.core import devices, models, pipeline
     from cnnlab.core.config import make_config
+    from cnnlab.core.training import Callback
 
     torch.set_num_threads(threads)
     cfg = make_config(experiment, **overrides)
@@ -51,12 +52,15 @@ def run_job(name: str, experiment: str, overrides: dict, out: Path, threads: int
               "device": devices.device_name(devices.resolve_device(cfg.device)), "tags": trained.tags}
     path = out / f"{name}.json"
 
-    def save(epoch: int, metrics: dict) -> None:
-        record["history"].append({**metrics, "wall_seconds": time.time() - start})
-        path.write_text(json.dumps(record, indent=1))
+    class Save(Callback):
+        """Each epoch's metrics into the job's record, with the wall time so far."""
+
+        def on_epoch_end(self, loop, epoch: int, metrics: dict) -> None:
+            record["history"].append({**metrics, "wall_seconds": time.time() - start})
+            path.write_text(json.dumps(record, indent=1))
 
     if not members:
-        pipeline.train(trained, on_epoch_end=save)
+        pipeline.train(trained, [Save()])
     if probe:
         return record
     metrics = pipeline.evaluate(trained, out / "evaluation" / name)

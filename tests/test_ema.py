@@ -11,6 +11,7 @@ from cnnlab.core import config, models, pipeline
 from cnnlab.tracking import experiments, runs as tracking
 from cnnlab.core.augment import batch_augment
 from cnnlab.core.training import EMA, TrainConfig, make_optimizer, param_groups
+from crash import Crash, CrashAfter
 
 
 def bn_net() -> nn.Module:
@@ -84,22 +85,13 @@ def test_the_run_evaluates_logs_and_serves_the_averaged_weights_and_measures_the
     assert all(torch.equal(logged[k], v.cpu()) for k, v in averaged.items())
 
 
-class Crash(Exception):
-    pass
-
-
-def crash_after_first_epoch(epoch, metrics):
-    if epoch == 0:
-        raise Crash("simulated crash")
-
-
 def test_resuming_a_checkpoint_with_ema_ends_exactly_where_an_uninterrupted_run_does(fer_subset, tmp_path):
     cfg = tiny_fer(fer_subset, ema=0.9, val_fraction=0.1)
     whole = pipeline.prepare(cfg)
     pipeline.train(whole, checkpoint_path=tmp_path / "whole.pt")
     resumed = pipeline.prepare(cfg)
     with pytest.raises(Crash):
-        pipeline.train(resumed, on_epoch_end=crash_after_first_epoch, checkpoint_path=tmp_path / "cut.pt")
+        pipeline.train(resumed, [CrashAfter(0)], checkpoint_path=tmp_path / "cut.pt")
     assert "ema" in torch.load(tmp_path / "cut.pt", weights_only=False)
     resumed = pipeline.prepare(cfg)  # a fresh process would start here: the checkpoint holds everything
     pipeline.train(resumed, checkpoint_path=tmp_path / "cut.pt")

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from cnnlab.tracking.experiments import make_config, run
 from conftest import REPO
+from crash import Crash, CrashAfter
 
 
 def artifacts(run_id: str, path: str = "") -> set[str]:
@@ -52,19 +53,11 @@ def make_fmnist_pixels(fmnist_dir):
     return fmnist.read_idx(fmnist_dir / "t10k-images-idx3-ubyte.gz")[:5]
 
 
-class Crash(Exception):
-    pass
-
-
 def test_interrupted_run_resumes_same_run_with_same_metrics(fmnist_dir):
     cfg = make_config("fmnist_cnn", epochs=3, limit=300, data_dir=str(fmnist_dir), log_model=False)
     reference = run(cfg)
-
-    def crash_after_second_epoch(epoch, metrics):
-        if epoch == 1:
-            raise Crash("simulated crash")
     with pytest.raises(Crash):
-        run(cfg, on_epoch_end=crash_after_second_epoch)
+        run(cfg, [CrashAfter(1)])
     crashed = MlflowClient().search_runs([mlflow.get_experiment_by_name("fmnist_cnn").experiment_id],
                                          "attributes.status = 'FAILED'")
     assert len(crashed) == 1 and "simulated crash" in crashed[0].data.tags["error"]

@@ -19,6 +19,7 @@ from cnnlab.core.augment import batch_augment, random_affine
 from cnnlab.core.data import Split, register_dataset
 from cnnlab.core.preprocess import Preprocess
 from cnnlab.core.training import Checkpoint, TrainConfig, fit
+from crash import Crash, CrashAfter
 from test_data import make_fmnist
 
 COLORS = ["red", "green", "blue"]
@@ -124,29 +125,20 @@ def test_no_validation_split_trains_on_all_of_train_and_evaluates_test(toy_exper
 def test_a_checkpoint_of_other_settings_or_corrupt_is_discarded(toy_experiment, tmp_path, caplog):
     trained = pipeline.prepare(config.make_config(toy_experiment, epochs=1))
     cfg, split = TrainConfig(epochs=1, batch_size=64, device="cpu"), trained.splits["train"]
-    fit(trained.model, split, None, cfg, checkpoint=Checkpoint(tmp_path / "a.pt", {"dataset_digest": "A"}))
+    fit(trained.model, split, None, cfg, callbacks=[Checkpoint(tmp_path / "a.pt", {"dataset_digest": "A"})])
     other = Checkpoint(tmp_path / "a.pt", {"dataset_digest": "B"})
     with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):
         assert other.load() is None
         assert not other.path.exists() and "belongs to {'dataset_digest': 'A'}" in caplog.text
         other.path.write_bytes(b"half a checkpoint")
-        history = fit(trained.model, split, None, TrainConfig(epochs=2, batch_size=64, device="cpu"), checkpoint=other)
+        history = fit(trained.model, split, None, TrainConfig(epochs=2, batch_size=64, device="cpu"), callbacks=[other])
     assert "unreadable" in caplog.text and len(history) == 2  # discarded, then both epochs from the start
-
-
-class Crash(Exception):
-    pass
-
-
-def crash_after_first_epoch(epoch, metrics):
-    if epoch == 0:
-        raise Crash("simulated crash")
 
 
 def test_a_run_on_changed_data_never_resumes_the_old_checkpoint(fmnist_dir, tmp_path, caplog):
     cfg = config.make_config("fmnist_cnn", epochs=2, limit=200, data_dir=str(fmnist_dir), log_model=False)
     with pytest.raises(Crash):
-        experiments.run(cfg, on_epoch_end=crash_after_first_epoch)
+        experiments.run(cfg, [CrashAfter(0)])
     (crashed,) = mlflow.search_runs(experiment_names=["fmnist_cnn"], output_format="list")
     other_data = tmp_path / "other"  # same config (data_dir is not part of it), other files
     other_data.mkdir()
@@ -162,7 +154,7 @@ def test_a_run_on_changed_data_never_resumes_the_old_checkpoint(fmnist_dir, tmp_
 def test_a_corrupt_checkpoint_does_not_trap_reruns(fmnist_dir, caplog):
     cfg = config.make_config("fmnist_cnn", epochs=2, limit=200, data_dir=str(fmnist_dir), log_model=False)
     with pytest.raises(Crash):
-        experiments.run(cfg, on_epoch_end=crash_after_first_epoch)
+        experiments.run(cfg, [CrashAfter(0)])
     (last,) = experiments.CHECKPOINT_ROOT.glob("*/last.pt")
     last.write_bytes(last.read_bytes()[:1000])  # a disk filled up mid-write, say
     with caplog.at_level(logging.WARNING, logger="cnnlab.core.training"):

@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from cnnlab.core.config import Config
 from cnnlab.core.data import Split
 from cnnlab.core.evaluation import metrics_and_artifacts, plot_curves
 from cnnlab.core.preprocess import Classifier, Preprocess, pixel_stats
-from cnnlab.core.training import EMA, Checkpoint, fit, predict
+from cnnlab.core.training import EMA, Callback, Checkpoint, Distillation, Loop, fit, predict
 
 
 @dataclass
@@ -78,13 +78,14 @@ def build(cfg: Config, train: Split) -> tuple[Classifier, dict]:
     return Classifier(preprocess, models.create(**spec)), spec
 
 
-def freeze_schedule(cfg: Config) -> Callable | None:
-    if cfg.freeze == "none":
-        return None
+@dataclass
+class FreezeSchedule(Callback):
+    """ResNet stages up to `stage` frozen for the first `epochs` epochs, then everything trained."""
+    stage: str
+    epochs: int
 
-    def hook(epoch: int, model: Classifier) -> None:
-        models.freeze_resnet(model.net, cfg.freeze if epoch < cfg.epochs else "none")
-    return hook
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None:
+        models.freeze_resnet(loop.model.net, self.stage if epoch < self.epochs else "none")
 
 
 def checkpoint(cfg: Config, splits: dict[str, Split], path: Path) -> Checkpoint:
@@ -116,17 +117,18 @@ def prepare(cfg: Config, load_bundle: Callable[[str], dict] = models.read_bundle
     return trained
 
 
-def train(trained: Trained, on_epoch_end: Callable[[int, dict], None] | None = None,
-          checkpoint_path: Path | None = None) -> list[dict]:
-    """The loop over all epochs (with the unfreezing ones), the config's augmentation and freezing schedule."""
+def train(trained: Trained, callbacks: Sequence[Callback] = (), checkpoint_path: Path | None = None) -> list[dict]:
+    """The loop over all epochs (with the unfreezing ones), the config's augmentation, EMA, teacher and freezing
+    schedule, a checkpoint at checkpoint_path; `callbacks` run after these."""
     cfg, splits = trained.cfg, trained.splits
     ema = EMA(trained.model, cfg.ema) if cfg.ema else None
+    own = [ema, Distillation(trained.teacher) if trained.teacher is not None else None,
+           FreezeSchedule(cfg.freeze, cfg.epochs) if cfg.freeze != "none" else None,
+           checkpoint(cfg, splits, checkpoint_path) if checkpoint_path else None]
     trained.history = fit(trained.model, splits["train"], splits.get("val"),
                           dataclasses.replace(cfg, epochs=cfg.total_epochs()),
-                          augment=batch_augment(cfg, len(trained.classes)), epoch_hook=freeze_schedule(cfg),
-                          on_epoch_end=on_epoch_end,
-                          checkpoint=checkpoint(cfg, splits, checkpoint_path) if checkpoint_path else None,
-                          ema=ema, teacher=trained.teacher)
+                          augment=batch_augment(cfg, len(trained.classes)),
+                          callbacks=[cb for cb in own if cb is not None] + list(callbacks))
     if ema is not None:  # the averaged weights are the result; the trained ones are evaluated beside them
         trained.raw_model, trained.model = trained.model, ema.module
     return trained.history
@@ -183,10 +185,10 @@ def ensemble(member_bundles: list[dict], cfg: Config) -> Trained:
                          "members_digest": models.bundle_digest(data)})
 
 
-def run(cfg: Config, out_dir: Path, on_epoch_end: Callable[[int, dict], None] | None = None,
+def run(cfg: Config, out_dir: Path, callbacks: Sequence[Callback] = (),
         checkpoint_path: Path | None = None) -> Trained:
     """Prepare, train and evaluate one experiment; evaluation files go to out_dir."""
     trained = prepare(cfg)
-    train(trained, on_epoch_end, checkpoint_path)
+    train(trained, callbacks, checkpoint_path)
     evaluate(trained, out_dir)
     return trained

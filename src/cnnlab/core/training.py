@@ -1,5 +1,6 @@
-"""The one training loop: seeded, resumable from per-epoch checkpoints, AMP on CUDA and bf16 on CPUs with AMX; an
-exponential moving average of the weights and distillation from a teacher when asked."""
+"""The one training loop: seeded, AMP on CUDA and bf16 on CPUs with AMX. Callbacks plug into it (Lightning's
+pattern): per-epoch checkpoints to resume from, an exponential moving average of the weights, distillation from a
+teacher here; freezing schedules, logging and pruning where they belong."""
 from __future__ import annotations
 
 import copy
@@ -7,9 +8,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +122,64 @@ def evaluate_loss_acc(model, split: Split, cfg: TrainConfig, device, precision) 
     return loss, (probs.argmax(1) == labels).float().mean().item()
 
 
+class Callback:
+    """A hook into fit's loop: override the hooks you need; callbacks run in list order. One with a `state_key` is
+    saved in checkpoints under that key (it has state_dict and load_state_dict)."""
+    state_key = ""
+
+    def on_fit_start(self, loop: Loop) -> None:
+        """Before the first epoch: place modules, resume."""
+
+    def on_epoch_start(self, loop: Loop, epoch: int) -> None:
+        """After model.train(), before the epoch's first batch."""
+
+    def on_loss(self, loop: Loop, x: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to optimize, from the (augmented) batch, the model's fp32 outputs and the loss so far."""
+        return loss
+
+    def on_step_end(self, loop: Loop) -> None:
+        """After each optimizer step."""
+
+    def on_validation_end(self, loop: Loop, metrics: dict) -> None:
+        """After the trained weights' val_loss and val_accuracy, which it may change or add to."""
+
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict) -> None:
+        """After the epoch's metrics are complete and appended to loop.history."""
+
+
 @dataclass
-class Checkpoint:
-    """Where the loop saves its state each epoch, and what the state must belong to for a run to resume from it."""
+class Loop:
+    """The loop's state as callbacks see it: the model and its optimizer, where it runs, the epochs done so far."""
+    model: torch.nn.Module
+    cfg: TrainConfig
+    val: Split | None
+    callbacks: list[Callback]
+    device: torch.device
+    precision: str
+    channels_last: bool
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    history: list[dict] = field(default_factory=list)
+    start: int = 0  # the first epoch to train: 0, or the one after a resumed checkpoint's
+
+    def place(self, module: torch.nn.Module) -> None:
+        _place(module, self.device, self.channels_last)
+
+    def stateful(self) -> dict:
+        """Everything a checkpoint saves and restores, by name."""
+        own = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "scaler": self.scaler}
+        return {**own, **{cb.state_key: cb for cb in self.callbacks if cb.state_key}}
+
+    def evaluate(self, module: torch.nn.Module) -> tuple[float, float]:
+        """Loss and accuracy of `module` on the validation split."""
+        return evaluate_loss_acc(module, self.val, self.cfg, self.device, self.precision)
+
+
+@dataclass
+class Checkpoint(Callback):
+    """Where the loop saves its state each epoch (and resumes from), and what the state must belong to for a run to
+    resume from it."""
     path: Path
     key: dict  # e.g. config and dataset digests: a checkpoint of other settings or other data never resumes
 
@@ -150,6 +206,13 @@ class Checkpoint:
     def discard(self, reason: str) -> None:
         log.warning("discarding checkpoint %s and training from the start: %s", self.path, reason)
         self.path.unlink(missing_ok=True)
+
+    def on_fit_start(self, loop: Loop) -> None:
+        loop.history, loop.start = _resume(self, loop.device, loop.stateful())
+
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict) -> None:
+        self.save({**{name: obj.state_dict() for name, obj in loop.stateful().items()},
+                   "epoch": epoch, "history": loop.history, "config": asdict(loop.cfg)})
 
 
 def _resume(checkpoint: Checkpoint, device: torch.device, stateful: dict) -> tuple[list[dict], int]:
@@ -179,9 +242,11 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, elapsed: float, done: int
             f" | {logs.duration(elapsed)} elapsed, ETA {logs.duration(eta)}")
 
 
-class EMA:
+class EMA(Callback):
     """Exponential moving average of a model's weights and floating buffers (BatchNorm statistics), in fp32 on the
-    model's device. After n updates the decay is min(decay, (1 + n) / (10 + n)): the first weights fade fast."""
+    model's device. After n updates the decay is min(decay, (1 + n) / (10 + n)): the first weights fade fast.
+    In fit: updated after every step and checkpointed; val_* are then its weights' metrics, val_*_raw the model's."""
+    state_key = "ema"
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0 < decay < 1:
@@ -220,6 +285,17 @@ class EMA:
         self.module.load_state_dict(state["module"])
         self.updates = int(state["updates"])
 
+    def on_fit_start(self, loop: Loop) -> None:
+        loop.place(self.module)
+
+    def on_step_end(self, loop: Loop) -> None:
+        self.update(loop.model)
+
+    def on_validation_end(self, loop: Loop, metrics: dict) -> None:
+        loss, acc = loop.evaluate(self.module)
+        metrics.update({"val_loss": loss, "val_accuracy": acc, "val_loss_raw": metrics["val_loss"],
+                        "val_accuracy_raw": metrics["val_accuracy"]})
+
 
 def _place(module: torch.nn.Module, device: torch.device, channels_last: bool) -> None:
     """On the device, in channels_last where it pays (a Classifier, or the ones in an ensemble, lays out its input)."""
@@ -231,40 +307,30 @@ def _place(module: torch.nn.Module, device: torch.device, channels_last: bool) -
                 m.channels_last = True
 
 
-def loss_fn(out: torch.Tensor, target: torch.Tensor, cfg: TrainConfig, teacher_out: torch.Tensor | None = None):
-    """Cross-entropy (label-smoothed); with a teacher's outputs, alpha * T^2 * KL(teacher_T || student_T) +
-    (1 - alpha) * cross-entropy (Hinton et al. 2015)."""
-    ce = F.cross_entropy(out, target, label_smoothing=cfg.label_smoothing)
-    if teacher_out is None:
-        return ce
-    t = cfg.distill_temperature
-    kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(teacher_out / t, 1), reduction="batchmean",
-                  log_target=True)
-    return cfg.distill_alpha * t * t * kl + (1 - cfg.distill_alpha) * ce
+class Distillation(Callback):
+    """A frozen teacher (one model or an ensemble; eval mode, no grad, autocast) run on the same augmented batch: its
+    outputs are soft targets. loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy
+    (Hinton et al. 2015), with cfg's distill_alpha and distill_temperature."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        self.teacher = teacher
+
+    def on_fit_start(self, loop: Loop) -> None:
+        loop.place(self.teacher)
+        self.teacher.eval().requires_grad_(False)
+
+    def on_loss(self, loop: Loop, x: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast(loop.device, loop.precision):
+            teacher_out = self.teacher(x).float()
+        t, alpha = loop.cfg.distill_temperature, loop.cfg.distill_alpha
+        kl = F.kl_div(F.log_softmax(out / t, 1), F.log_softmax(teacher_out / t, 1), reduction="batchmean",
+                      log_target=True)
+        return alpha * t * t * kl + (1 - alpha) * loss
 
 
-def _validate(model, ema: EMA | None, val: Split, cfg: TrainConfig, device, precision) -> dict[str, float]:
-    """val_loss and val_accuracy of the weights the run produces (the averaged ones with EMA, then *_raw: trained)."""
-    loss, acc = evaluate_loss_acc(model, val, cfg, device, precision)
-    if ema is None:
-        return {"val_loss": loss, "val_accuracy": acc}
-    ema_loss, ema_acc = evaluate_loss_acc(ema.module, val, cfg, device, precision)
-    return {"val_loss": ema_loss, "val_accuracy": ema_acc, "val_loss_raw": loss, "val_accuracy_raw": acc}
-
-
-def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
-        augment: Callable | None = None, epoch_hook: Callable | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None, checkpoint: Checkpoint | None = None,
-        ema: EMA | None = None, teacher: torch.nn.Module | None = None) -> list[dict]:
-    """Train `model` on uint8 `train` images; returns per-epoch metrics. Resumes from `checkpoint` if it can.
-
-    Without `val` there is no per-epoch validation (and no val_* metrics).
-    augment(x_uint8, y, generator) -> (x, target) runs on whole batches on the device; target may be soft labels.
-    epoch_hook(epoch, model) runs after model.train() each epoch (freezing schedules).
-    ema: updated after every step and checkpointed; val_* are then its weights' metrics, val_*_raw the model's.
-    teacher: a frozen model (eval mode, no grad, autocast) run on the same augmented batch; its outputs are soft
-    targets (distill_alpha, distill_temperature).
-    """
+def _start(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig,
+           callbacks: list[Callback]) -> Loop:
+    """Check the settings; the model placed, its optimizer, scheduler and scaler; then the callbacks' on_fit_start."""
     cfg.validate()
     if val is None and cfg.schedule == "plateau":
         raise ValueError("schedule=plateau steps on validation accuracy: it needs a validation split")
@@ -274,74 +340,105 @@ def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfi
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     channels_last = cfg.channels_last and prefers_channels_last(device, precision)
-    for module in (model, ema and ema.module, teacher):
-        if module is not None:
-            _place(module, device, channels_last)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    images, labels = train.images.to(device), train.labels.to(device)
+    _place(model, device, channels_last)
     steps_per_epoch = max(1, len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1))
     optimizer = make_optimizer(param_groups(model, cfg), cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    scaler = torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda")
-    stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
-    if ema is not None:
-        stateful["ema"] = ema
-    history, start = _resume(checkpoint, device, stateful) if checkpoint else ([], 0)
+    loop = Loop(model, cfg, val, callbacks, device, precision, channels_last, optimizer,
+                make_scheduler(optimizer, cfg, steps_per_epoch),
+                torch.amp.GradScaler(enabled=precision == "fp16" and device.type == "cuda"))
+    for cb in callbacks:
+        cb.on_fit_start(loop)
+    return loop
+
+
+def _plateau(loop: Loop) -> bool:
+    return isinstance(loop.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _forward(loop: Loop, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's fp32 outputs and the loss: cross-entropy (label-smoothed), then what callbacks make of it."""
+    with autocast(loop.device, loop.precision):
+        out = loop.model(x).float()
+    loss = F.cross_entropy(out, target, label_smoothing=loop.cfg.label_smoothing)
+    for cb in loop.callbacks:
+        loss = cb.on_loss(loop, x, out, loss)
+    return out, loss
+
+
+def _optimize(loop: Loop, loss: torch.Tensor) -> None:
+    """One optimizer step (scaled in fp16), then the callbacks' on_step_end and the per-step LR schedule."""
+    loop.optimizer.zero_grad(set_to_none=True)
+    loop.scaler.scale(loss).backward()
+    loop.scaler.step(loop.optimizer)
+    loop.scaler.update()
+    for cb in loop.callbacks:
+        cb.on_step_end(loop)
+    if not _plateau(loop):
+        loop.scheduler.step()
+
+
+def _train_epoch(loop: Loop, epoch: int, images: torch.Tensor, labels: torch.Tensor,
+                 augment: Callable | None) -> dict[str, float]:
+    """One pass over the training images in an order drawn from (seed, epoch): train loss, accuracy, throughput."""
+    cfg, device, n = loop.cfg, loop.device, len(images)
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/augmentation RNG depends only on (seed, epoch)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen, device=device)
+    loop.model.train()
+    for cb in loop.callbacks:
+        cb.on_epoch_start(loop, epoch)
     check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
+    t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
+    for i in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                  disable=not logs.bars()):
+        idx = order[i: i + cfg.batch_size]
+        if len(idx) < 2:  # BatchNorm cannot train on a single image
+            continue
+        y = labels[idx]
+        x, target = augment(images[idx], y, gen) if augment else (images[idx], y)
+        out, loss = _forward(loop, x, target)
+        step = i // cfg.batch_size
+        if (step % check_every == 0 or i + cfg.batch_size >= n) and not torch.isfinite(loss_sum + loss):
+            raise FloatingPointError(f"loss became {(loss_sum + loss).item()} by epoch {epoch + 1}, step {step}; "
+                                     f"lower lr (now {cfg.lr}) or check the data")
+        _optimize(loop, loss)
+        loss_sum += loss.detach() * len(idx)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(idx)
+    seconds = time.perf_counter() - t0
+    return {"train_loss": (loss_sum / max(seen, 1)).item(), "train_accuracy": (correct / max(seen, 1)).item(),
+            "epoch_seconds": seconds, "train_images_per_s": seen / max(seconds, 1e-9)}
+
+
+def _validate(loop: Loop) -> dict[str, float]:
+    """val_loss and val_accuracy of the trained weights, as the callbacks amend them (EMA: the averaged ones')."""
+    loss, acc = loop.evaluate(loop.model)
+    metrics = {"val_loss": loss, "val_accuracy": acc}
+    for cb in loop.callbacks:
+        cb.on_validation_end(loop, metrics)
+    return metrics
+
+
+def fit(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainConfig, *,
+        augment: Callable | None = None, callbacks: Sequence[Callback] = ()) -> list[dict]:
+    """Train `model` on uint8 `train` images; returns per-epoch metrics (a resumed run's earlier epochs included).
+
+    Without `val` there is no per-epoch validation (and no val_* metrics).
+    augment(x_uint8, y, generator) -> (x, target) runs on whole batches on the device; target may be soft labels.
+    callbacks, in order: e.g. EMA, Distillation, a freeze schedule, Checkpoint, then logging and pruning.
+    """
+    loop = _start(model, train, val, cfg, list(callbacks))
+    images, labels = train.images.to(loop.device), train.labels.to(loop.device)
     t_start = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout/augmentation RNG depends only on (seed, epoch)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(train), generator=gen, device=device)
-        model.train()
-        if epoch_hook:
-            epoch_hook(epoch, model)
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
-        bar = tqdm(range(0, len(train), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not logs.bars())
-        for i in bar:
-            idx = order[i: i + cfg.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot train on a single image
-                continue
-            x, y = images[idx], labels[idx]
-            x, target = augment(x, y, gen) if augment else (x, y)
-            teacher_out = None
-            if teacher is not None:
-                with torch.no_grad(), autocast(device, precision):
-                    teacher_out = teacher(x).float()
-            with autocast(device, precision):
-                out = model(x)
-            loss = loss_fn(out.float(), target, cfg, teacher_out)
-            step = i // cfg.batch_size
-            if (step % check_every == 0 or i + cfg.batch_size >= len(train)) and not torch.isfinite(loss_sum + loss):
-                raise FloatingPointError(f"loss became {(loss_sum + loss).item()} by epoch {epoch + 1}, step {step}; "
-                                         f"lower lr (now {cfg.lr}) or check the data")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model)
-            if not plateau:
-                scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(idx)
-        train_time = time.perf_counter() - t0
-        metrics = {"train_loss": (loss_sum / max(seen, 1)).item(), "train_accuracy": (correct / max(seen, 1)).item()}
+    for epoch in range(loop.start, cfg.epochs):
+        metrics = _train_epoch(loop, epoch, images, labels, augment)
         if val is not None:
-            metrics.update(_validate(model, ema, val, cfg, device, precision))
-        if plateau:  # on the trained weights' accuracy: the averaged ones lag behind the schedule
-            scheduler.step(metrics.get("val_accuracy_raw", metrics["val_accuracy"]))
-        metrics.update({"lr": optimizer.param_groups[0]["lr"], "epoch_seconds": train_time,
-                        "train_images_per_s": seen / max(train_time, 1e-9)})
-        history.append(metrics)
-        log.info(epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t_start, epoch + 1 - start))
-        if checkpoint is not None:
-            checkpoint.save({**{name: obj.state_dict() for name, obj in stateful.items()},
-                             "epoch": epoch, "history": history, "config": asdict(cfg)})
-        if on_epoch_end:
-            on_epoch_end(epoch, metrics)
-    return history
+            metrics.update(_validate(loop))
+        if _plateau(loop):  # on the trained weights' accuracy: the averaged ones lag behind the schedule
+            loop.scheduler.step(metrics.get("val_accuracy_raw", metrics["val_accuracy"]))
+        metrics["lr"] = loop.optimizer.param_groups[0]["lr"]
+        loop.history.append(metrics)
+        log.info(epoch_line(epoch, cfg.epochs, metrics, time.perf_counter() - t_start, epoch + 1 - loop.start))
+        for cb in loop.callbacks:
+            cb.on_epoch_end(loop, epoch, metrics)
+    return loop.history

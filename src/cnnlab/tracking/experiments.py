@@ -10,14 +10,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import mlflow
 
 from cnnlab.core import data, models, pipeline
 from cnnlab.tracking import runs
 from cnnlab.core.config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
-from cnnlab.core.training import Checkpoint
+from cnnlab.core.training import Callback, Checkpoint, Loop
 
 CHECKPOINT_ROOT = Path(".cnnlab") / "checkpoints"
 # per evaluated split, on the logged model (with the split as its dataset): what the Models view lists and ranks by
@@ -29,9 +29,17 @@ def _checkpoint_dir(cfg: Config) -> Path:
     return CHECKPOINT_ROOT / f"{cfg.experiment}-{cfg.digest()}"
 
 
-def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, nested: bool = False,
-        run_id: str | None = None, checkpoint_dir: Path | None = None) -> dict:
-    """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics.
+class LogMetrics(Callback):
+    """Each epoch's metrics into the active run, at step = the epoch's number (from 1)."""
+
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict) -> None:
+        mlflow.log_metrics(metrics, step=epoch + 1)
+
+
+def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, run_id: str | None = None,
+        checkpoint_dir: Path | None = None) -> dict:
+    """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics. `callbacks` run
+    after each epoch's metrics are logged (e.g. pruning).
 
     A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
     resumes the same MLflow run at the next epoch. A nested run resumes only from `checkpoint_dir` (a retried trial's).
@@ -53,12 +61,7 @@ def run(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None, ne
         trained = pipeline.prepare(cfg, load_bundle=runs.load_bundle)
         datasets = _log_data(trained)
         _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
-
-        def log_epoch(epoch: int, metrics: dict) -> None:
-            mlflow.log_metrics(metrics, step=epoch + 1)
-            if on_epoch_end:
-                on_epoch_end(epoch, metrics)
-        pipeline.train(trained, on_epoch_end=log_epoch, checkpoint_path=ckpt_dir / "last.pt")
+        pipeline.train(trained, [LogMetrics(), *callbacks], checkpoint_path=ckpt_dir / "last.pt")
         results = _evaluate_and_log(trained, datasets)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         log.info("%s; see %s", ", ".join(f"{k} {results[k]:.4f}" for k in ("val_accuracy", "test_accuracy")

@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -30,6 +31,7 @@ from optuna.trial import TrialState
 from cnnlab.core import devices, logs, pipeline
 from cnnlab.tracking import experiments, runs
 from cnnlab.core.config import field_types, make_config, parse_value
+from cnnlab.core.training import Callback, Loop
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 SPEC_KEYS = {"experiment", "study_name", "storage", "n_trials", "budget_images", "heartbeat_interval", "fixed",
@@ -331,6 +333,27 @@ def finished(study: optuna.Study, spec: dict) -> bool:
 
 # --- the search ----------------------------------------------------------------------------------------------------
 
+@dataclass
+class Pruning(Callback):
+    """Reports each epoch's val_accuracy to the trial; stops it when the pruner says so, or when the rest of the trial
+    would pass the study's image budget (only complete trials can be the best)."""
+    trial: optuna.Trial
+    epochs: int
+    epoch_images: int
+    budget: int
+
+    def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict) -> None:
+        trial = self.trial
+        trial.report(metrics["val_accuracy"], epoch + 1)
+        if trial.should_prune():
+            raise Pruned(f"trial {trial.number} pruned at epoch {epoch + 1}: val_accuracy "
+                         f"{metrics['val_accuracy']:.4f} is below the pruner's bar")
+        rest = (self.epochs - epoch - 1) * self.epoch_images
+        if self.budget and rest and images_spent(trial.study) + rest > self.budget:
+            raise Pruned(f"trial {trial.number} stopped at epoch {epoch + 1}: its remaining {rest} images would pass "
+                         f"the study's budget of {self.budget} training images")
+
+
 def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     """One trial = one nested MLflow run of the experiment; reports val_accuracy per epoch; may be pruned."""
     params = {**spec["fixed"], **suggest(trial, spec["space"])}
@@ -348,18 +371,8 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     epoch_images = len(pipeline.load_data(cfg)["train"])  # a subset (limit) counts its own size
     trial.set_user_attr("epoch_images", epoch_images)
     trial.set_user_attr("trial_images", epochs * epoch_images)
-
-    def report(epoch: int, metrics: dict) -> None:
-        trial.report(metrics["val_accuracy"], epoch + 1)
-        if trial.should_prune():
-            raise Pruned(f"trial {trial.number} pruned at epoch {epoch + 1}: val_accuracy "
-                         f"{metrics['val_accuracy']:.4f} is below the pruner's bar")
-        rest = (epochs - epoch - 1) * epoch_images
-        if budget and rest and images_spent(trial.study) + rest > budget:  # only complete trials can be the best
-            raise Pruned(f"trial {trial.number} stopped at epoch {epoch + 1}: its remaining {rest} images would pass "
-                         f"the study's budget of {budget} training images")
     try:
-        return experiments.run(cfg, on_epoch_end=report, nested=True, run_id=run_id,
+        return experiments.run(cfg, [Pruning(trial, epochs, epoch_images, budget)], nested=True, run_id=run_id,
                                checkpoint_dir=ckpt_dir)["val_accuracy"]
     finally:  # complete, pruned or failed: never resumed (a dead worker never gets here: its retry resumes)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
