@@ -360,3 +360,40 @@ def test_shipped_search_spaces_load():
         <= search["enqueue"][0].items()  # the report's published setting is tried first
     assert set(specs["fer_resnet18_freeze"]["space"]["freeze"]["choices"]) == {
         "none", "conv1", "layer1", "layer2", "layer3", "layer4"}
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_workers_on_two_hosts_join_one_study_with_their_own_credentials_files(team_stack, fmnist_dir, tmp_path,
+                                                                              monkeypatch):
+    from cnnlab.stack.secrets import credentials, worker_environment
+
+    homes = []
+    for name in ("dave", "erin"):  # two hosts: a working folder and a credentials file each, nothing shared
+        home = tmp_path / name
+        home.mkdir()
+        team_stack.add_user(name, worker=True, out=home / "team.env")
+        assert {f.name: f.stat().st_mode & 0o777 for f in home.iterdir()} == {"team.env": 0o600, "team.pgpass": 0o600}
+        write_space(home, "space", study_name="hosts", n_trials=4, fixed={"epochs": 3, "limit": 600},
+                    space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+        homes.append(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PGPASS"))}  # only what the files say
+    cmd = [sys.executable, "-m", "cnnlab", "tune", "space.yaml", "--credentials", "team.env", "--no-final",
+           "-P", f"data_dir={fmnist_dir}"]
+    assert not any("PASSWORD" in a or "@" in a for a in cmd)  # no password on a command line
+    storage = team_stack.urls()["optuna_storage"]
+    monkeypatch.setenv("PGPASSFILE", worker_environment(homes[0] / "team.env")["PGPASSFILE"])
+    first = subprocess.Popen(cmd, cwd=homes[0], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: trials_in(storage, "hosts"), 300, "the first worker's first trial")
+    second = subprocess.Popen(cmd, cwd=homes[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for worker in (first, second):
+        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-3000:]
+
+    trials = optuna.load_study(study_name="hosts", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    mlflow.set_tracking_uri(team_stack.urls()["tracking_uri"])
+    with credentials(homes[1] / "team.env"):
+        runs = study_runs("hosts")
+    assert len(runs["parent"]) == 1 and len(runs["trials"]) == 4  # one study, one parent, in the team's server
+    pids = {r.data.tags["worker"].split(":")[1] for r in runs["trials"]}
+    assert pids == {str(first.pid), str(second.pid)}  # both hosts ran trials

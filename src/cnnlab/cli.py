@@ -445,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "postgresql://USER@HOST/DB for several workers or machines")
     p.add_argument("--study-name", default="", help="default: the YAML's study_name, else its file name")
     p.add_argument("--n-trials", type=_argument("int", least=0), default=0, help="trials the study should have in total (0: the YAML's)")
-    p.add_argument("--workers", type=_argument("int", least=0), default=1, help="worker processes on this machine (>1 needs PostgreSQL); one GPU each, "
-                   "from CUDA_VISIBLE_DEVICES or all GPUs, never two on one")
+    p.add_argument("--workers", type=_argument("int", least=0), default=1,
+                   help="worker processes on this machine (>1 needs PostgreSQL); one GPU each, from "
+                   "CUDA_VISIBLE_DEVICES or all GPUs, never two on one")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field in every trial and the final run, e.g. -P limit=300 -P device=cuda")
     p.add_argument("--params", default="", metavar="'KEY=VALUE ...'",
