@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cnnlab.core.config import make_config
+from cnnlab.core.config import make_config, quick_overrides
 from cnnlab.core.data import Split
 from cnnlab.core.devices import autocast
 from cnnlab.tracking.experiments import run
@@ -33,12 +33,15 @@ def claimed(name: str, changes: dict) -> tuple[str, str, str, dict]:
     return label, figure, row.experiment, {**row.params, **changes}
 
 
-def accuracy_rows(rows: list[tuple[str, dict]], extra: dict) -> list[tuple]:
-    """One tracked run per (claims.yaml row, changes) pair; `extra` overrides every row."""
+def accuracy_rows(rows: list[tuple[str, dict]], quick_limit: int = 0) -> list[tuple]:
+    """One tracked run per (claims.yaml row, changes) pair; with quick_limit, each shrunk to a smoke check."""
     out = []
     for name, changes in rows:
         label, figure, experiment, params = claimed(name, changes)
-        result = run(make_config(experiment, **{**params, **extra}))
+        cfg = make_config(experiment, **params)
+        if quick_limit:
+            cfg = make_config(experiment, **{**params, **quick_overrides(cfg, quick_limit)})
+        result = run(cfg)
         val = f"{100 * result['val_accuracy']:.2f}%" if "val_accuracy" in result else "-"  # none on all of train
         out.append((label, figure, f"{100 * result['test_accuracy']:.2f}%", val,
                     f"{result['train_images_per_s']:.0f}", f"{result['train_seconds']:.0f}", result["run_id"][:8]))
@@ -108,5 +111,5 @@ def throughput_and_accuracy(doc: str, throughput: Callable[[bool], list[tuple]],
     print(table(throughput(args.quick), THROUGHPUT_HEADER))
     if not args.skip_accuracy:
         print(f"\nTest accuracy ({test_images} test images; each row's protocol from claims.yaml):")
-        print(table(accuracy_rows(rows, {"epochs": 1, "limit": quick_limit} if args.quick else {}), ACCURACY_HEADER))
+        print(table(accuracy_rows(rows, quick_limit if args.quick else 0), ACCURACY_HEADER))
     print(f"\ntotal {time.time() - start:.0f} s")

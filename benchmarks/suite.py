@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from cnnlab.core import devices
-from cnnlab.core.config import parse_params
+from cnnlab.core.config import make_config, parse_params, quick_overrides
 
 
 COLUMNS = {"val": "val_accuracy", "val raw": "val_accuracy_raw", "val TTA": "val_tta_accuracy",
@@ -74,11 +74,11 @@ def run_job(name: str, experiment: str, overrides: dict, out: Path, threads: int
 def _worker(args) -> dict:
     name, job, out, threads, quick, probe = args
     overrides = dict(job.get("params", {}))
-    if quick:
-        overrides.update(epochs=1, limit=300, unfreeze_epochs=min(overrides.get("unfreeze_epochs", 0), 1))
-    if probe:
-        overrides.update(epochs=2, tta="none")
     try:
+        if quick:
+            overrides.update(quick_overrides(make_config(job["experiment"], **overrides), limit=300))
+        if probe:
+            overrides.update(epochs=2, tta="none")
         return run_job(name, job["experiment"], overrides, out, threads, probe, job.get("members"))
     except Exception as e:  # one failed job must not lose the others' results
         (out / f"{name}.error.txt").write_text(f"{type(e).__name__}: {e}")

@@ -2,13 +2,17 @@
 the one parser of -P values."""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from cnnlab import cli
-from cnnlab.core import config, data
+from cnnlab.core import config, data, models, pipeline
+from cnnlab.core.training import TrainConfig
 from cnnlab.tracking.reproduce import load_claims
 from conftest import REPO
 
@@ -94,3 +98,61 @@ def test_dataset_options_are_config_fields_checked_by_their_dataset():
         config.make_config("fer_cnn", test_split="train").validate()
     with pytest.raises(ValueError, match=r"dataset must be one of \[.*'fer2013', 'fmnist'.*\], got 'mnist'"):
         config.make_config("fmnist_cnn", dataset="mnist").validate()
+
+
+# Config is built on import from the datasets registered then: a fresh interpreter sees an added dataset option
+DIGESTS = """
+import dataclasses, json, sys
+from cnnlab.core import data
+if sys.argv[1] == "added":
+    @data.register_dataset("toy_gray", title="toy", size=8, channels=1, options=(data.Option("contrast", float, 1.0),))
+    def load_toy_gray(data_dir, contrast):
+        raise NotImplementedError
+    fer = data.get("fer2013")  # and fer2013 with another on_bad default and one more option
+    options = tuple(dataclasses.replace(o, default="skip") if o.name == "on_bad" else o for o in fer.options)
+    data._DATASETS["fer2013"] = dataclasses.replace(fer, options=(*options, data.Option("crop", int, 0)))
+from cnnlab.core import config
+print(json.dumps({e: config.make_config(e).digest() for e in ("fmnist_cnn", "fer_cnn")}))
+"""
+
+
+def digests(datasets: str) -> dict[str, str]:
+    out = subprocess.run([sys.executable, "-c", DIGESTS, datasets], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_a_runs_digest_hashes_its_own_datasets_options_not_anothers():
+    before, after = digests("registered"), digests("added")
+    assert after["fmnist_cnn"] == before["fmnist_cnn"] == config.make_config("fmnist_cnn").digest()
+    assert after["fer_cnn"] != before["fer_cnn"]  # its own dataset's new default is part of it
+    fmnist = config.make_config("fmnist_cnn")
+    assert fmnist.digest() == config.make_config("fmnist_cnn", on_bad="skip").digest()
+    assert fmnist.digest() != config.make_config("fmnist_cnn", permute=True).digest()
+    assert "on_bad" in config.foreign_options("fmnist") and "permute" not in config.foreign_options("fmnist")
+
+
+def test_each_model_owns_its_defaults_and_a_preset_says_only_what_differs():
+    for name, preset in config.PRESETS.items():
+        cfg, owned = config.make_config(name), models.hyperparameters(config.make_config(name).model)
+        repeated = {k for k, v in owned.items() if k in preset.settings and preset.settings[k] == v}
+        assert not repeated, f"preset {name} repeats its model's defaults {repeated}"
+        for k, v in owned.items():
+            if hasattr(cfg, k):
+                assert getattr(cfg, k) == preset.settings.get(k, v), (name, k)
+    mlp = config.make_config("fmnist_cnn", model="mlp")  # another model brings its own defaults along
+    assert mlp.dropout == models.defaults("mlp")["dropout"] != config.make_config("fmnist_cnn").dropout
+    assert config.make_config("fmnist_mlp", dropout=0.1).dropout == 0.1
+    spec = pipeline.model_spec(mlp, 3, 28)  # every argument of the factory, those no config field holds too
+    assert set(spec) == {"name", *models.defaults("mlp")} and spec["image_size"] == 28 and spec["dropout"] == 0.2
+    assert models.create(**spec)(torch.zeros(2, 1, 28, 28)).shape == (2, 3)
+
+
+def test_the_loops_fields_are_checked_by_trainconfig_and_configs_choices_extend_its_own():
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got -1.0"):
+        TrainConfig(weight_decay=-1.0).validate()
+    with pytest.raises(ValueError, match=r"optimizer must be one of \['adam', .*\], got 'lbfgs'"):
+        TrainConfig(optimizer="lbfgs").validate()
+    fmnist = config.make_config("fmnist_cnn")
+    assert TrainConfig().choices().items() <= fmnist.choices().items() and "model" in fmnist.choices()
+    with pytest.raises(ValueError, match=r"tta must be one of"):
+        config.make_config("fmnist_cnn", tta="sometimes").validate()

@@ -88,6 +88,7 @@ def test_the_color_experiment_as_a_tracked_run(toy_experiment):
     assert run.info.status == "FINISHED" and run.data.tags["dataset"] == "toy_rgb"
     assert run.data.metrics["test_tta_accuracy"] == pytest.approx(result["test_tta_accuracy"])
     assert run.data.params["preprocess_mean"].startswith("[")  # one mean per color channel
+    assert run.data.params["model.num_classes"] == "3"  # the factory's arguments that no config field holds
     with pytest.raises(ValueError, match="toy_rgb has 3-channel images: in_chans must be 3, got 1"):
         config.make_config(toy_experiment, in_chans=1).validate()
 

@@ -284,5 +284,5 @@ def test_under_mlflow_run_the_parent_is_its_run_and_rows_nest_in_it(data_env, mo
 def test_run_link_is_an_address_on_an_http_tracking_server():
     result = {"experiment_id": "3", "run_id": "abc", "status": "reused"}
     assert reproduce.run_link(result, {"tracking_uri": "http://127.0.0.1:5000/"}) == (
-        "exp 3 / run abc (reused)", "http://127.0.0.1:5000/#/experiments/3/runs/abc")
+        "exp 3 / run abc (reused)", "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning")
     assert reproduce.run_link(result, {"tracking_uri": "sqlite:///mlflow.db"}) == ("exp 3 / run abc (reused)", None)

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
+NOT_FOR_JOBS = ("cnnlab.__main__", "cnnlab.serving.demo")  # the CLI's entry, and the demo page's server (needs uvicorn)
 
 
 @dataclass

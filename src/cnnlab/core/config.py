@@ -7,10 +7,15 @@ from dataclasses import asdict, dataclass, fields
 
 from cnnlab.core import data, models
 from cnnlab.core.augment import AUGMENTS, ERASE_MIN_AREA, TTA
-from cnnlab.core.devices import PRECISIONS
-from cnnlab.core.training import OPTIMIZERS, SCHEDULES, TrainConfig
+from cnnlab.core.training import CHOICES, TrainConfig
 
 DataOptions = data.option_fields()  # classes, permute, on_bad, ...: each dataset module declares its own
+
+
+def foreign_options(dataset: str) -> set[str]:
+    """The Config fields that only other datasets read: they never affect a run on `dataset`."""
+    own = {o.name for o in data.get(dataset).options}
+    return {o.name for name in data.names() for o in data.get(name).options} - own
 
 
 @dataclass
@@ -19,13 +24,14 @@ class Config(DataOptions, TrainConfig):
     dataset: str = "fmnist"
     data_dir: str = ""
     model: str = "fmnist_cnn"
-    variant: str = "model2"
-    dropout: float = 0.5
-    weights: str = "none"
-    in_chans: int = 1
-    small_input: bool = False
-    width: int = 64
-    head: str = "gap"  # vgg_bn: global average pool, or fc on a 3x3 grid
+    # model hyperparameters: make_config takes the config's model's own defaults; these are for a bare Config()
+    variant: str = models.defaults("fer_cnn")["variant"]
+    dropout: float = models.defaults("fmnist_cnn")["dropout"]
+    weights: str = models.defaults("resnet18")["weights"]
+    in_chans: int = models.defaults("fmnist_cnn")["in_chans"]
+    small_input: bool = models.defaults("resnet18")["small_input"]
+    width: int = models.defaults("vgg_bn")["width"]
+    head: str = models.defaults("vgg_bn")["head"]  # vgg_bn: global average pool, or fc on a 3x3 grid
     image_size: int = 0  # 0: the dataset's own size
     freeze: str = "none"
     unfreeze_epochs: int = 0
@@ -44,11 +50,11 @@ class Config(DataOptions, TrainConfig):
     eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
     run_name: str = ""
 
+    def choices(self) -> dict[str, tuple]:
+        return allowed_values(datasets=False)
+
     def validate(self) -> None:
-        super().validate()
-        for name, allowed in allowed_values(datasets=False).items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        super().validate()  # the closed sets of choices() and the training fields' ranges
         self._validate_data()
         if self.freeze != "none" and self.model != "resnet18":
             raise ValueError(f"freeze={self.freeze!r} applies to resnet18 only, not {self.model!r}")
@@ -67,7 +73,7 @@ class Config(DataOptions, TrainConfig):
             raise ValueError(f"erase_prob must be in [0, 1], got {self.erase_prob}")
         if not ERASE_MIN_AREA < self.erase_area <= 1:
             raise ValueError(f"erase_area must be in ({ERASE_MIN_AREA}, 1], got {self.erase_area}")
-        for name in ("mixup", "cutmix", "weight_decay"):
+        for name in ("mixup", "cutmix"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.teacher and self.distill_alpha == 0:
@@ -104,16 +110,18 @@ class Config(DataOptions, TrainConfig):
         return " ".join([self.experiment, *changed])
 
     def digest(self) -> str:
-        """Hash of every setting that changes the result (not the run name or where the data lives)."""
+        """Hash of every setting that changes the result: not the run name or where the data lives, nor other datasets'
+        options (adding one leaves this run's identity, and so its checkpoints, alone)."""
         # sync_bn: how a run is spread over ranks, like the world size (both key its checkpoint: pipeline.checkpoint)
-        skip = ("run_name", "data_dir", "log_model", "eval_test", "device", "sync_bn")
+        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", "sync_bn", *foreign_options(self.dataset)}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """One experiment: what it is (for --help), its settings over Config's defaults, and its MLproject parameters."""
+    """One experiment: what it is (for --help), its settings over its model's and Config's defaults, and its
+    MLproject parameters."""
     summary: str
     settings: dict
     params: tuple[str, ...]  # the entry point's parameters besides RUN_PARAMS, in command-line order
@@ -128,32 +136,32 @@ FMNIST_PARAMS = ("classes", "permute", "permute_seed", "epochs", "batch_size", "
 PRESETS: dict[str, Preset] = {
     "fmnist_cnn": Preset(
         "the Fashion-MNIST report's CNN: 3 classes (or 10), plain or permuted pixels",
-        dict(dataset="fmnist", model="fmnist_cnn", epochs=10, batch_size=64, lr=1e-3, dropout=0.5), FMNIST_PARAMS),
+        dict(dataset="fmnist", model="fmnist_cnn", epochs=10, batch_size=64, lr=1e-3), FMNIST_PARAMS),
     "fmnist_mlp": Preset(
         "permutation-invariant MLP control on the same inputs",
-        dict(dataset="fmnist", model="mlp", epochs=10, batch_size=64, lr=1e-3, dropout=0.2), FMNIST_PARAMS),
+        dict(dataset="fmnist", model="mlp", epochs=10, batch_size=64, lr=1e-3), FMNIST_PARAMS),
     "fer_cnn": Preset(
         "the FER2013 report's custom CNN: variant=model1 feeds a softmax into the loss, model2 logits",
-        dict(dataset="fer2013", model="fer_cnn", variant="model2", dropout=0.3, lr=1e-3, batch_size=32,
+        dict(dataset="fer2013", model="fer_cnn", lr=1e-3, batch_size=32,
              optimizer="adam", epochs=15),
         ("variant", "dropout", "lr", "batch_size", "optimizer", "weight_decay", "epochs", "on_bad")),
     "fer_resnet18": Preset(
         "torchvision's ResNet-18 on FER2013, from scratch or fine-tuned with layer freezing",
-        dict(dataset="fer2013", model="resnet18", in_chans=3, image_size=48, weights="none", dropout=0.0, lr=1e-3,
+        dict(dataset="fer2013", model="resnet18", image_size=48, dropout=0.0, lr=1e-3,
              batch_size=64, optimizer="adam", epochs=20),
         ("weights", "in_chans", "image_size", "freeze", "unfreeze_epochs", "lr", "batch_size", "optimizer",
          "weight_decay", "epochs")),
     "fer_best": Preset(
         "VGG-style net with BatchNorm on FER2013: batch augmentation, label smoothing, SGD+Nesterov, cosine, "
         "ten-crop TTA",
-        dict(dataset="fer2013", model="vgg_bn", dropout=0.4, width=64, lr=0.05, batch_size=128, optimizer="sgd",
+        dict(dataset="fer2013", model="vgg_bn", lr=0.05, batch_size=128, optimizer="sgd",
              nesterov=True, momentum=0.9, weight_decay=5e-4, schedule="cosine", warmup_epochs=1.0,
              label_smoothing=0.1, augment="standard", tta="tencrop", epochs=60),
         ("model", "width", "head", "epochs", "batch_size", "lr", "dropout", "mixup", "cutmix", "tta") + LONG_PARAMS),
     "fer_resnet18_small": Preset(
         "ResNet-18 from scratch on FER2013 at 48 px with the small-input stem (3x3 conv, no max-pool): SGD+Nesterov, "
         "cosine, weight EMA, ten-crop TTA; 300 epochs (a GPU recipe)",
-        dict(dataset="fer2013", model="resnet18", in_chans=1, small_input=True, weights="none", dropout=0.0, lr=0.1,
+        dict(dataset="fer2013", model="resnet18", in_chans=1, small_input=True, dropout=0.0, lr=0.1,
              batch_size=128, optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4, wd_norm_bias=False,
              schedule="cosine", warmup_epochs=5.0, label_smoothing=0.1, augment="standard", tta="tencrop",
              ema=0.999, epochs=300),
@@ -162,19 +170,33 @@ PRESETS: dict[str, Preset] = {
 
 
 def make_config(experiment: str, **overrides) -> Config:
+    """The experiment's config: its model's own defaults, the preset's settings over them, then `overrides`."""
     if experiment not in PRESETS:
         raise ValueError(f"unknown experiment {experiment!r}; known: {sorted(PRESETS)}")
     known = {f.name for f in fields(Config)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown parameter(s) {unknown} for {experiment}; known: {sorted(known)}")
-    return Config(**{**PRESETS[experiment].settings, **overrides, "experiment": experiment})
+    settings = {**PRESETS[experiment].settings, **overrides, "experiment": experiment}
+    model = settings.get("model", Config.model)
+    owned = models.hyperparameters(model) if model in models.names() else {}  # an unknown one: validate() says so
+    return Config(**{**{k: v for k, v in owned.items() if k in known}, **settings})
+
+
+QUICK_LIMIT = 400  # quick mode: a smoke check that the whole pipeline runs, never a measurement
+QUICK_IMAGE_SIZE = 48
+
+
+def quick_overrides(cfg: Config, limit: int = QUICK_LIMIT) -> dict:
+    """The overrides that shrink `cfg` to a smoke check: 1 epoch (and at most 1 unfreezing one), at most `limit`
+    training images, at most QUICK_IMAGE_SIZE px."""
+    out = {"epochs": 1, "unfreeze_epochs": min(cfg.unfreeze_epochs, 1), "limit": limit}
+    return {**out, "image_size": QUICK_IMAGE_SIZE} if cfg.image_size > QUICK_IMAGE_SIZE else out
 
 
 def allowed_values(datasets: bool = True) -> dict[str, tuple]:
     """Every Config field with a closed set of values, and the set; with `datasets`, the dataset options' too."""
-    allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()),
-               "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+    allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()), **CHOICES,
                "freeze": tuple(models.FREEZE_STAGES), "augment": AUGMENTS, "tta": TTA, "head": models.HEADS,
                "variant": models.VARIANTS, "in_chans": (1, 3)}
     options = {o.name: o.allowed for name in data.names() for o in data.get(name).options if o.allowed}

@@ -1,7 +1,8 @@
-"""Every network variant by name: create(name, **cfg)."""
+"""Every network variant by name: create(name, **cfg); each factory's keyword defaults are the model's own defaults."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 FREEZE_STAGES = ["none", "conv1", "layer1", "layer2", "layer3", "layer4"]
 HEADS = ("gap", "fc")
 VARIANTS = ("model1", "model2")  # fer_cnn: model1 feeds a softmax into the loss (the report's bug), model2 logits
+DATA_ARGS = ("num_classes", "image_size")  # factory arguments that the data decides, not hyperparameters
 
 
 def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -28,6 +30,19 @@ def create(name: str, **cfg) -> nn.Module:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def defaults(name: str) -> dict:
+    """Model `name`'s arguments and their defaults, as its factory declares them (the one place they are written)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_REGISTRY)}")
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def hyperparameters(name: str) -> dict:
+    """Model `name`'s hyperparameters with their defaults: its arguments less those the data decides."""
+    return {k: v for k, v in defaults(name).items() if k not in DATA_ARGS}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -65,7 +80,7 @@ def mlp(num_classes: int = 3, in_chans: int = 1, image_size: int = 28, hidden: i
 class FerCNN(nn.Sequential):
     """The FER report's custom CNN; model1 ends in a softmax that is (wrongly) fed to CrossEntropyLoss."""
 
-    def __init__(self, num_classes: int = 7, in_chans: int = 1, dropout: float = 0.3, variant: str = "model2"):
+    def __init__(self, num_classes: int, in_chans: int, dropout: float, variant: str):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
         layers = [

@@ -4,7 +4,6 @@ around it; the benchmarks call it directly."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,10 +61,9 @@ def data_records(cfg: Config) -> dict[str, object]:
 
 
 def model_spec(cfg: Config, num_classes: int, image_size: int) -> dict:
-    """The model factory's arguments, taken from the config by the factory's own parameter names."""
-    params = inspect.signature(models._REGISTRY[cfg.model]).parameters
+    """Every argument of the model factory: from the data and the config where they name it, else its default."""
     values = {**dataclasses.asdict(cfg), "num_classes": num_classes, "image_size": image_size}
-    return {"name": cfg.model, **{k: values[k] for k in params if k in values}}
+    return {"name": cfg.model, **{k: values.get(k, v) for k, v in models.defaults(cfg.model).items()}}
 
 
 def build(cfg: Config, train: Split) -> tuple[Classifier, dict]:

@@ -23,6 +23,7 @@ from cnnlab.core.devices import PRECISIONS, autocast, prefers_channels_last, res
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("none", "cosine", "plateau")
+CHOICES = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS}  # TrainConfig's closed sets
 log = logging.getLogger(__name__)
 
 
@@ -48,14 +49,19 @@ class TrainConfig:
     seed: int = 0
     eval_batch_size: int = 1024
 
+    def choices(self) -> dict[str, tuple]:
+        """Every field with a closed set of values, and the set (a subclass adds its own)."""
+        return CHOICES
+
     def validate(self) -> None:
-        for name, value, allowed in [("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
-                                     ("precision", self.precision, PRECISIONS)]:
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        for name, allowed in self.choices().items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not 0 <= self.distill_alpha <= 1:

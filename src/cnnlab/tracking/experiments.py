@@ -26,8 +26,10 @@ MODEL_METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "macro_f1", 
 log = logging.getLogger(__name__)
 
 
-def _checkpoint_dir(cfg: Config) -> Path:
-    return CHECKPOINT_ROOT / f"{cfg.experiment}-{cfg.digest()}"
+def checkpoint_dir(key: Config | str) -> Path:
+    """A run's checkpoint folder: per config (a re-run of the same config resumes it), or per run for a nested run's
+    id (a trial never resumes another trial's)."""
+    return CHECKPOINT_ROOT / (f"{key.experiment}-{key.digest()}" if isinstance(key, Config) else f"run-{key}")
 
 
 class LogMetrics(Callback):
@@ -38,17 +40,17 @@ class LogMetrics(Callback):
 
 
 def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, run_id: str | None = None,
-        checkpoint_dir: Path | None = None) -> dict:
+        trial_dir: Path | None = None) -> dict:
     """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics. `callbacks` run
     after each epoch's metrics are logged (e.g. pruning).
 
     A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
-    resumes the same MLflow run at the next epoch. A nested run resumes only from `checkpoint_dir` (a retried trial's).
+    resumes the same MLflow run at the next epoch. A nested run resumes only from `trial_dir` (a retried trial's).
     """
     if not distributed.is_main():
         return _follow(cfg)
     runs.init_tracking(cfg.experiment)
-    ckpt_dir = _checkpoint_dir(cfg)
+    ckpt_dir = checkpoint_dir(cfg)
     previous = None if nested else _interrupted_run(ckpt_dir, cfg)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or cfg.label()
@@ -59,7 +61,7 @@ def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, r
         log.info("run %s (%s) in experiment %s", active.info.run_id, name, active.info.experiment_id)
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint
-            ckpt_dir = checkpoint_dir or CHECKPOINT_ROOT / f"run-{active.info.run_id}"
+            ckpt_dir = trial_dir or checkpoint_dir(active.info.run_id)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
@@ -80,7 +82,7 @@ def _follow(cfg: Config) -> dict:
     """A torchrun rank other than 0: trains its shard from rank 0's checkpoint (after rank 0 has set it up: DDP
     waits for every rank), logs nothing, evaluates nothing."""
     trained = pipeline.prepare(cfg, load_bundle=runs.load_bundle)
-    pipeline.train(trained, checkpoint_path=_checkpoint_dir(cfg) / "last.pt")
+    pipeline.train(trained, checkpoint_path=checkpoint_dir(cfg) / "last.pt")
     return {"rank": distributed.rank()}
 
 
@@ -104,6 +106,8 @@ def _log_data(trained: pipeline.Trained) -> dict:
     for file_name, record in pipeline.data_records(cfg).items():
         mlflow.log_dict(record, file_name)
     mlflow.log_param("model_parameters", models.count_parameters(model))
+    # the factory's arguments that no config field holds (or holds otherwise, e.g. image_size 0): every value logged
+    mlflow.log_params({f"model.{k}": v for k, v in trained.spec.items() if k != "name" and getattr(cfg, k, None) != v})
     if not trained.members:  # an ensemble's members normalize each for itself
         mlflow.log_params({"preprocess_mean": model.preprocess.mean, "preprocess_std": model.preprocess.std})
     return datasets

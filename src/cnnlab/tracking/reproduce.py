@@ -24,14 +24,12 @@ import yaml
 from markupsafe import Markup, escape
 
 from cnnlab.tracking import compare, experiments, runs
-from cnnlab.core import models, pipeline, stats
-from cnnlab.core.config import Config, make_config, parse_value
+from cnnlab.core import logs, models, pipeline, stats
+from cnnlab.core.config import QUICK_IMAGE_SIZE, QUICK_LIMIT, Config, make_config, parse_value, quick_overrides
 
 log = logging.getLogger(__name__)
 
 CLAIMS = Path(__file__).with_name("claims.yaml")
-QUICK_LIMIT = 400
-QUICK_IMAGE_SIZE = 48
 FIGURES = {"confusion matrix": "evaluation/test_confusion_matrix.png", "ROC": "evaluation/test_roc.png"}
 ENTRY_KEYS = {"name", "experiment", "protocol", "explain", "params", "claimed", "source", "stated", "unstated", "grid",
               "cells"}
@@ -183,10 +181,7 @@ def row_config(row: Row, quick: bool, overrides: dict) -> Config:
     """The row's config: preset + the report's settings, shrunk in quick mode, then the user's overrides."""
     params = dict(row.params)
     if quick:
-        cfg = make_config(row.experiment, **params)
-        params.update(epochs=1, unfreeze_epochs=min(cfg.unfreeze_epochs, 1), limit=QUICK_LIMIT)
-        if cfg.image_size > QUICK_IMAGE_SIZE:
-            params["image_size"] = QUICK_IMAGE_SIZE
+        params.update(quick_overrides(make_config(row.experiment, **params)))
     try:
         cfg = make_config(row.experiment, **{**params, **overrides, "run_name": row.name})
         cfg.validate()
@@ -330,14 +325,6 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
 def _status_line(result: dict) -> str:
     if "test_accuracy" in result:
         return f"{result['status']}, test {_pct(result['test_accuracy'])}, run {result['run_id']}"
@@ -348,10 +335,7 @@ def run_link(result: dict, meta: dict) -> tuple[str, str | None]:
     """Text naming the run (experiment and run id) and, on an http tracking server, its UI address."""
     text = f"exp {result['experiment_id']} / run {result['run_id']}"
     text += " (reused)" if result["status"] == "reused" else ""
-    uri = meta["tracking_uri"]
-    href = f"{uri.rstrip('/')}/#/experiments/{result['experiment_id']}/runs/{result['run_id']}" \
-        if uri.startswith(("http://", "https://")) else None
-    return text, href
+    return text, runs.ui_address(meta["tracking_uri"], result["experiment_id"], result["run_id"])
 
 
 def claim_vs_interval(claimed: float | None, ci: list | None) -> str:
@@ -381,7 +365,7 @@ def table_row(label: str, entry: Entry, claimed: float | None, claimed_text: str
     diff = f"{100 * test - claimed:+.2f} pp" if claimed is not None else "—"
     val = _pct(result["val_accuracy"]) if result["val_accuracy"] is not None else "—"
     return [label, entry.protocol, claim, measured, claim_vs_interval(claimed, ci), val, diff,
-            why_it_differs(entry, claimed, test, meta), str(result["epochs"]), _duration(result["wall_s"]),
+            why_it_differs(entry, claimed, test, meta), str(result["epochs"]), logs.duration(result["wall_s"]),
             run_link(result, meta)]
 
 
@@ -455,7 +439,7 @@ def _header(meta: dict) -> str:
     dirty = " (uncommitted changes)" if meta.get("git_dirty") == "true" else ""
     return (f"Tracking URI `{meta['tracking_uri']}`, parent run `{meta['parent_run_id']}` "
             f"(experiment id {meta['experiment_id']}), git commit `{meta['git_commit'][:12]}`{dirty}, "
-            f"{'quick' if meta['quick'] else 'full'} mode, total wall time {_duration(meta['wall_s'])}.")
+            f"{'quick' if meta['quick'] else 'full'} mode, total wall time {logs.duration(meta['wall_s'])}.")
 
 
 @functools.cache

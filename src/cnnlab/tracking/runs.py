@@ -57,13 +57,22 @@ def system_metrics() -> bool:
     return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get() if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined else True
 
 
+def ui_address(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The run's page in MLflow's UI (in its model-training layout) on an http(s) tracking server, else None."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/{_page(experiment_id, run_id)}"
+
+
+def _page(experiment_id: str, run_id: str) -> str:
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 def run_url(run) -> str:
-    """Where to see the run in MLflow's UI (in its model-training layout)."""
-    uri = mlflow.get_tracking_uri()
-    page = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{page}"
-    return f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{page}"
+    """Where to see the run in MLflow's UI: its address, or how to open a local store's UI at it."""
+    uri, info = mlflow.get_tracking_uri(), run.info
+    return ui_address(uri, info.experiment_id, info.run_id) or \
+        f"`mlflow ui --backend-store-uri {uri}`, then http://127.0.0.1:5000/{_page(info.experiment_id, info.run_id)}"
 
 
 def git_info() -> dict[str, str]:

@@ -373,7 +373,7 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     trial.set_user_attr("trial_images", epochs * epoch_images)
     try:
         return experiments.run(cfg, [Pruning(trial, epochs, epoch_images, budget)], nested=True, run_id=run_id,
-                               checkpoint_dir=ckpt_dir)["val_accuracy"]
+                               trial_dir=ckpt_dir)["val_accuracy"]
     finally:  # complete, pruned or failed: never resumed (a dead worker never gets here: its retry resumes)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
 
