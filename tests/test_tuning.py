@@ -383,11 +383,14 @@ def test_workers_on_two_hosts_join_one_study_with_their_own_credentials_files(te
     assert not any("PASSWORD" in a or "@" in a for a in cmd)  # no password on a command line
     storage = team_stack.urls()["optuna_storage"]
     monkeypatch.setenv("PGPASSFILE", worker_environment(homes[0] / "team.env")["PGPASSFILE"])
-    first = subprocess.Popen(cmd, cwd=homes[0], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start(home: Path) -> subprocess.Popen:
+        with open(home / "tune.log", "w") as log:
+            return subprocess.Popen(cmd, cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    first = start(homes[0])
     wait_for(lambda: trials_in(storage, "hosts"), 300, "the first worker's first trial")
-    second = subprocess.Popen(cmd, cwd=homes[1], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for worker in (first, second):
-        assert worker.wait(timeout=600) == 0, worker.stderr.read()[-3000:]
+    second = start(homes[1])
+    for worker, home in zip((first, second), homes):
+        assert worker.wait(timeout=600) == 0, (home / "tune.log").read_text()[-3000:]
 
     trials = optuna.load_study(study_name="hosts", storage=storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
