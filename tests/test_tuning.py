@@ -393,10 +393,11 @@ def test_workers_on_two_hosts_join_one_study_with_their_own_credentials_files(te
         assert worker.wait(timeout=600) == 0, (home / "tune.log").read_text()[-3000:]
 
     trials = optuna.load_study(study_name="hosts", storage=storage).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    # each host stops after its running trial once the study is full: at most one extra trial per other host
+    assert {t.state for t in trials} == {TrialState.COMPLETE} and len(trials) in (4, 5)
     mlflow.set_tracking_uri(team_stack.urls()["tracking_uri"])
     with credentials(homes[1] / "team.env"):
         runs = study_runs("hosts")
-    assert len(runs["parent"]) == 1 and len(runs["trials"]) == 4  # one study, one parent, in the team's server
+    assert len(runs["parent"]) == 1 and len(runs["trials"]) == len(trials)  # one study, in the team's server
     pids = {r.data.tags["worker"].split(":")[1] for r in runs["trials"]}
     assert pids == {str(first.pid), str(second.pid)}  # both hosts ran trials
