@@ -27,7 +27,7 @@ def test_committed_mlproject_is_what_the_presets_generate():
 
 def test_every_entry_point_with_its_defaults_is_its_preset():
     entry_points = yaml.safe_load(cli.mlproject())["entry_points"]
-    assert set(config.PRESETS) | {"tune", "register", "reproduce"} == set(entry_points)
+    assert set(config.PRESETS) | {"ddp", "tune", "register", "reproduce"} == set(entry_points)
     for name in config.PRESETS:
         params = entry_points[name]["parameters"]
         as_passed = {k: config.parse_value(k, str(p["default"])) for k, p in params.items()}

@@ -19,7 +19,7 @@ import yaml
 from optuna.trial import TrialState
 
 from cnnlab import cli
-from cnnlab.core import config
+from cnnlab.core import config, devices
 from cnnlab.tracking import tuning
 
 SMALL = {"epochs": 1, "limit": 200}  # 200 train / 50 val / 50 test images of 3 Fashion-MNIST classes
@@ -31,9 +31,9 @@ def write_space(folder: Path, name: str, **spec) -> Path:
     return path
 
 
-def study_runs(study: str) -> dict[str, list]:
+def study_runs(study: str, experiment: str = "fmnist_mlp") -> dict[str, list]:
     """The study's MLflow runs by role: parent, trials (by trial number), final."""
-    runs = mlflow.search_runs(experiment_names=["fmnist_mlp"], filter_string=f"tags.study = '{study}'",
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.study = '{study}'",
                               output_format="list")
     trials = sorted((r for r in runs if "trial_number" in r.data.tags), key=lambda r: int(r.data.tags["trial_number"]))
     return {"parent": [r for r in runs if r.data.tags.get("tuning") == "study"], "trials": trials,
@@ -176,25 +176,32 @@ def trials_in(storage: str, name: str) -> list:
         return []
 
 
-def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
-    path = write_space(tmp_path, "resume", n_trials=2, heartbeat_interval=1,
+def metric_steps(run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(run_id, key)}
+
+
+@pytest.mark.slow
+def test_a_killed_workers_trial_is_retried_from_its_checkpoint(fmnist_dir, tmp_path):
+    path = write_space(tmp_path, "resume", experiment="fmnist_cnn", fixed={"epochs": 3, "limit": 600},
+                       n_trials=2, heartbeat_interval=1,
                        space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
                        sampler={"type": "tpe", "seed": 0, "n_startup_trials": 2})
     cmd = [sys.executable, "-m", "cnnlab", "tune", str(path), "--no-final", "-P", f"data_dir={fmnist_dir}"]
     worker = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        def second_trial_running():
+        def second_trial_past_epoch_1():
             trials = trials_in("sqlite:///optuna.db", "resume")
-            running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
             return trials[:1] and trials[0].state == TrialState.COMPLETE and running and trials
-        trials = wait_for(second_trial_running, 180, "trial 1 to start")
+        trials = wait_for(second_trial_past_epoch_1, 300, "trial 1 to finish its first epoch")
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
     killed = next(t for t in optuna.load_study(study_name="resume", storage="sqlite:///optuna.db").get_trials()
                   if t.state == TrialState.RUNNING)
-    parent_id = study_runs("resume")["parent"][0].info.run_id
+    (checkpoint,) = Path(".cnnlab/checkpoints").glob(f"trial-resume-{killed.number}-*/last.pt")  # this folder's
+    parent_id = study_runs("resume", "fmnist_cnn")["parent"][0].info.run_id
     assert mlflow.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "RUNNING"  # nobody ended it
     time.sleep(3)  # past the grace period: two missed heartbeats
 
@@ -208,11 +215,21 @@ def test_resume_after_a_killed_worker(fmnist_dir, tmp_path):
     assert retry.state == TrialState.COMPLETE and retry.params == killed.params
     assert [t.state for t in after].count(TrialState.COMPLETE) == 2 and len(after) == 3  # the dead one not counted
     assert summary["n_complete"] == 2 and summary["parent_run_id"] == parent_id
+    assert summary["epochs_spent"] == 6 and summary["images_spent"] == 6 * after[0].user_attrs["epoch_images"]
+    assert not checkpoint.parent.exists()  # a completed trial is never resumed
 
-    runs = study_runs("resume")
+    runs = study_runs("resume", "fmnist_cnn")
     assert [r.data.tags["trial_number"] for r in runs["trials"]] == ["0", "1", "2"]
     dead = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
     assert dead.info.status == "FAILED" and "heartbeat" in dead.data.tags["error"]
+    resumed = mlflow.get_run(retry.user_attrs["mlflow_run_id"])
+    assert resumed.data.tags["retry_of_trial"] == str(killed.number) and resumed.data.tags["retry_of_run"] == dead.info.run_id
+    carried = int(resumed.data.tags["resumed_from_epoch"])
+    assert 1 <= carried < 3 and len(killed.intermediate_values) <= carried
+    # the carried epochs were not trained again: their wall time is the dead run's, to the last digit
+    dead_seconds, resumed_seconds = metric_steps(dead.info.run_id, "epoch_seconds"), metric_steps(resumed.info.run_id, "epoch_seconds")
+    assert sorted(resumed_seconds) == [1, 2, 3]
+    assert all(resumed_seconds[step] == dead_seconds[step] for step in dead_seconds)
     assert [r.info.status for r in runs["trials"]].count("FINISHED") == 2
     assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
 
@@ -243,6 +260,7 @@ def postgres():
 @pytest.mark.services
 def test_two_workers_share_one_postgres_study(fmnist_dir, tmp_path, postgres, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", postgres.url("mlflow"))  # parallel writers: a server database
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a fake 4-GPU host: each worker gets one of its own
     path = write_space(tmp_path, "parallel", n_trials=4, storage=postgres.url("optuna"),
                        space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
                               "dropout": {"type": "float", "low": 0.1, "high": 0.6}},
@@ -261,6 +279,23 @@ def test_two_workers_share_one_postgres_study(fmnist_dir, tmp_path, postgres, mo
     assert {r.data.tags["mlflow.parentRunId"] for r in runs["trials"]} == {summary["parent_run_id"]}
     assert all(r.info.status == "FINISHED" for r in runs["trials"])
     assert len({r.data.tags["worker"] for r in runs["trials"]}) == 2  # both processes ran trials
+    placed = {(r.data.tags["worker"], r.data.tags["cuda_visible_devices"]) for r in runs["trials"]}
+    assert sorted(gpu for _, gpu in placed) == ["0", "1"]  # one GPU per worker, never shared
+
+
+def test_workers_get_disjoint_gpus_from_the_device_list(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")  # a 4-GPU host, as the environment describes it
+    assert devices.place_workers(4) == [["0"], ["1"], ["2"], ["3"]]
+    assert devices.place_workers(2, per_worker=2) == [["0", "1"], ["2", "3"]]  # DDP-sized sets
+    with pytest.raises(ValueError, match="5 workers x 1 GPU.* need 5 GPUs, this host has 4 .*--workers 4"):
+        devices.place_workers(5)
+    path = write_space(tmp_path, "crowded", storage="postgresql://u@localhost/optuna",
+                       space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    with pytest.raises(ValueError, match="need 5 GPUs"):
+        tuning.tune(tuning.load_spec(path), workers=5)
+    assert mlflow.search_runs(search_all_experiments=True).empty  # refused before any run started
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert devices.place_workers(8) is None  # no GPU: workers share the CPU threads
 
 
 def test_cli_tune_and_its_errors(fmnist_dir, tmp_path, capsys):
@@ -331,3 +366,44 @@ def test_shipped_search_spaces_load():
         <= search["enqueue"][0].items()  # the report's published setting is tried first
     assert set(specs["fer_resnet18_freeze"]["space"]["freeze"]["choices"]) == {
         "none", "conv1", "layer1", "layer2", "layer3", "layer4"}
+
+
+@pytest.mark.slow
+@pytest.mark.services
+def test_workers_on_two_hosts_join_one_study_with_their_own_credentials_files(team_stack, fmnist_dir, tmp_path,
+                                                                              monkeypatch):
+    from cnnlab.stack.secrets import credentials, worker_environment
+
+    homes = []
+    for name in ("dave", "erin"):  # two hosts: a working folder and a credentials file each, nothing shared
+        home = tmp_path / name
+        home.mkdir()
+        team_stack.add_user(name, worker=True, out=home / "team.env")
+        assert {f.name: f.stat().st_mode & 0o777 for f in home.iterdir()} == {"team.env": 0o600, "team.pgpass": 0o600}
+        write_space(home, "space", study_name="hosts", n_trials=4, fixed={"epochs": 3, "limit": 600},
+                    space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+        homes.append(home)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PGPASS"))}  # only what the files say
+    cmd = [sys.executable, "-m", "cnnlab", "tune", "space.yaml", "--credentials", "team.env", "--no-final",
+           "-P", f"data_dir={fmnist_dir}"]
+    assert not any("PASSWORD" in a or "@" in a for a in cmd)  # no password on a command line
+    storage = team_stack.urls()["optuna_storage"]
+    monkeypatch.setenv("PGPASSFILE", worker_environment(homes[0] / "team.env")["PGPASSFILE"])
+    def start(home: Path) -> subprocess.Popen:
+        with open(home / "tune.log", "w") as log:
+            return subprocess.Popen(cmd, cwd=home, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    first = start(homes[0])
+    wait_for(lambda: trials_in(storage, "hosts"), 300, "the first worker's first trial")
+    second = start(homes[1])
+    for worker, home in zip((first, second), homes):
+        assert worker.wait(timeout=600) == 0, (home / "tune.log").read_text()[-3000:]
+
+    trials = optuna.load_study(study_name="hosts", storage=storage).get_trials()
+    # each host stops after its running trial once the study is full: at most one extra trial per other host
+    assert {t.state for t in trials} == {TrialState.COMPLETE} and len(trials) in (4, 5)
+    mlflow.set_tracking_uri(team_stack.urls()["tracking_uri"])
+    with credentials(homes[1] / "team.env"):
+        runs = study_runs("hosts")
+    assert len(runs["parent"]) == 1 and len(runs["trials"]) == len(trials)  # one study, in the team's server
+    pids = {r.data.tags["worker"].split(":")[1] for r in runs["trials"]}
+    assert pids == {str(first.pid), str(second.pid)}  # both hosts ran trials

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -41,13 +43,18 @@ def _argument(kind: str, least: int | None = None):
 def cmd_train(args) -> int:
     from cnnlab.core.config import make_config, parse_params
 
-    cfg = make_config(args.experiment, **parse_params(args.param))
+    cfg = make_config(args.experiment, **parse_params(args.param + args.params.split()))
     if args.show_config:
         print(show_config(cfg))
         return 0
+    from cnnlab.core import distributed
     from cnnlab.tracking.experiments import run
 
-    print(json.dumps(run(cfg), indent=2))
+    distributed.setup()  # under torchrun: join its process group; rank 0 logs the one MLflow run
+    try:
+        print(json.dumps(run(cfg), indent=2))
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -136,7 +143,7 @@ def cmd_stack_user(args) -> int:
     if args.tracking_uri:
         stack.manage(args.tracking_uri, args.admin_credentials or stack.mlflow.admin_credentials)
     if args.user_action == "add":
-        result = stack.add_user(args.name, read_only=args.read_only, out=args.out)
+        result = stack.add_user(args.name, read_only=args.read_only, out=args.out, worker=args.worker)
     elif args.user_action == "passwd":
         result = stack.set_password(args.name, out=args.out)
     elif args.user_action == "remove":
@@ -165,7 +172,13 @@ def cmd_tune(args) -> int:
     from cnnlab.tracking.tuning import load_spec, tune
 
     params = parse_params(args.param + args.params.split())
-    spec = load_spec(args.space, params, storage=args.storage, study_name=args.study_name, n_trials=args.n_trials)
+    storage = args.storage
+    if args.credentials:  # a worker joining the team's study: server, storage and passwords from its files
+        from cnnlab.stack.secrets import worker_environment
+
+        os.environ.update(worker_environment(Path(args.credentials)))
+        storage = storage or os.environ.get("CNNLAB_OPTUNA_STORAGE")
+    spec = load_spec(args.space, params, storage=storage, study_name=args.study_name, n_trials=args.n_trials)
     print(json.dumps(tune(spec, workers=args.workers, final=args.final), indent=2, default=str))
     return 0
 
@@ -197,6 +210,8 @@ COMMAND_ENTRY_POINTS = {
                   "-P precision={precision}"),
     "register": ({"experiment": "", "study": "", "name": ""},
                  "python -m cnnlab register {experiment} --study {study} --name {name}"),
+    "ddp": ({"experiment": "fmnist_cnn", "nproc": "2", "params": ""},  # torchrun: a count, or gpu (one per GPU)
+            "torchrun --standalone --nproc_per_node {nproc} -m cnnlab train {experiment} --params {params}"),
     "tune": ({"space": "tuning/fmnist_cnn.yaml", "storage": "", "study_name": "", "n_trials": 0, "workers": 1,
               "params": "", "final": True},
              "python -m cnnlab tune {space} --storage {storage} --study-name {study_name} --n-trials {n_trials} "
@@ -364,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="an experiment (listed below; details: cnnlab experiments)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config field, e.g. -P epochs=3 -P lr=1e-3 (fields: cnnlab experiments)")
+    p.add_argument("--params", default="", metavar="'KEY=VALUE ...'",
+                   help="the same as -P, space-separated in one argument (for MLproject)")
     p.add_argument("--show-config", action="store_true",
                    help="print the experiment's every field (with your -P values), its type and allowed values; "
                    "train nothing")
@@ -417,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="credentials file, mode 0600 (default: ROOT/users/NAME.env)")
         if action == "add":
             p.add_argument("--read-only", action="store_true", help="reads everything, changes nothing of the team's")
+            p.add_argument("--worker", action="store_true", help="also the server's and the Optuna storage's URLs and "
+                           "password file: `cnnlab tune SPACE --credentials FILE` on any host joins a study")
         p.set_defaults(func=cmd_stack_user)
     p = command("register", cmd_register)
     p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
@@ -428,11 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "postgresql://USER@HOST/DB for several workers or machines")
     p.add_argument("--study-name", default="", help="default: the YAML's study_name, else its file name")
     p.add_argument("--n-trials", type=_argument("int", least=0), default=0, help="trials the study should have in total (0: the YAML's)")
-    p.add_argument("--workers", type=_argument("int", least=0), default=1, help="worker processes on this machine (>1 needs PostgreSQL)")
+    p.add_argument("--workers", type=_argument("int", least=0), default=1,
+                   help="worker processes on this machine (>1 needs PostgreSQL); one GPU each, from "
+                   "CUDA_VISIBLE_DEVICES or all GPUs, never two on one")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a config field in every trial and the final run, e.g. -P limit=300 -P device=cuda")
     p.add_argument("--params", default="", metavar="'KEY=VALUE ...'",
                    help="the same as -P, space-separated in one argument (for MLproject)")
+    p.add_argument("--credentials", default="", metavar="FILE",
+                   help="a worker's credentials file (`cnnlab stack user add NAME --worker`): the team's MLflow server "
+                   "and Optuna storage, with their passwords")
     p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")

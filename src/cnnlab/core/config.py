@@ -112,7 +112,8 @@ class Config(DataOptions, TrainConfig):
     def digest(self) -> str:
         """Hash of every setting that changes the result: not the run name or where the data lives, nor other datasets'
         options (adding one leaves this run's identity, and so its checkpoints, alone)."""
-        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", *foreign_options(self.dataset)}
+        # sync_bn: how a run is spread over ranks, like the world size (both key its checkpoint: pipeline.checkpoint)
+        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", "sync_bn", *foreign_options(self.dataset)}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

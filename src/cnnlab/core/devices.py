@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -50,6 +51,28 @@ def prefers_channels_last(device: torch.device, precision: str) -> bool:
 def threads_per_worker(workers: int) -> int:
     """This process's threads shared among `workers` processes: oversubscribed cores collapse bf16 throughput."""
     return max(1, torch.get_num_threads() // max(1, workers))
+
+
+def gpu_ids() -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set (a list of ids or UUIDs), else every one torch
+    sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def place_workers(workers: int, per_worker: int = 1) -> list[list[str]] | None:
+    """Disjoint GPU sets of `per_worker` GPUs for `workers` processes (never two on one GPU); None without GPUs, where
+    workers share the CPU threads instead. Refused when the GPUs are too few."""
+    gpus = gpu_ids()
+    if not gpus:
+        return None
+    if workers * per_worker > len(gpus):
+        raise ValueError(f"{workers} workers x {per_worker} GPU(s) each need {workers * per_worker} GPUs, this host "
+                         f"has {len(gpus)} ({','.join(gpus)}): use --workers {len(gpus) // per_worker} or fewer (or "
+                         f"run more workers on other hosts against the same storage)")
+    return [gpus[i * per_worker: (i + 1) * per_worker] for i in range(workers)]
 
 
 def device_name(device: torch.device) -> str:

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from cnnlab.core import calibration, data, models
+from cnnlab.core import calibration, data, distributed, models
 from cnnlab.core.augment import batch_augment, tta_views
 from cnnlab.core.config import Config
 from cnnlab.core.data import Split
@@ -88,7 +88,8 @@ class FreezeSchedule(Callback):
 
 def checkpoint(cfg: Config, splits: dict[str, Split], path: Path) -> Checkpoint:
     """A checkpoint that only this config on this data resumes from."""
-    return Checkpoint(path, {"config_digest": cfg.digest(), "dataset_digest": splits["train"].digest})
+    spread = {"world_size": distributed.world_size(), "sync_bn": cfg.sync_bn} if distributed.world_size() > 1 else {}
+    return Checkpoint(path, {"config_digest": cfg.digest(), "dataset_digest": splits["train"].digest, **spread})
 
 
 def load_teacher(refs: list[str], load_bundle: Callable[[str], dict],
@@ -119,8 +120,12 @@ def train(trained: Trained, callbacks: Sequence[Callback] = (), checkpoint_path:
     """The loop over all epochs (with the unfreezing ones), the config's augmentation, EMA, teacher and freezing
     schedule, a checkpoint at checkpoint_path; `callbacks` run after these."""
     cfg, splits = trained.cfg, trained.splits
+    if distributed.world_size() > 1 and cfg.freeze != "none":
+        raise ValueError(f"freeze={cfg.freeze} changes which parameters train, which DistributedDataParallel fixes "
+                         f"at the start: train it without torchrun")
     ema = EMA(trained.model, cfg.ema) if cfg.ema else None
-    own = [ema, Distillation(trained.teacher) if trained.teacher is not None else None,
+    own = [distributed.Ranks(cfg.sync_bn) if distributed.world_size() > 1 else None,  # first: the others see DDP
+           ema, Distillation(trained.teacher) if trained.teacher is not None else None,
            FreezeSchedule(cfg.freeze, cfg.epochs) if cfg.freeze != "none" else None,
            checkpoint(cfg, splits, checkpoint_path) if checkpoint_path else None]
     trained.history = fit(trained.model, splits["train"], splits.get("val"),

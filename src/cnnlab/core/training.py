@@ -43,6 +43,7 @@ class TrainConfig:
     distill_alpha: float = 0.5  # with a teacher: weight of the KL term against the teacher's softened predictions
     distill_temperature: float = 4.0
     precision: str = "auto"
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
     channels_last: bool = True  # on CUDA, and on CPUs in bf16 (oneDNN's fast layout); never for fp32 on CPU
     device: str = "auto"
     seed: int = 0
@@ -139,6 +140,10 @@ class Callback:
     def on_epoch_start(self, loop: Loop, epoch: int) -> None:
         """After model.train(), before the epoch's first batch."""
 
+    def on_order(self, loop: Loop, order: torch.Tensor) -> torch.Tensor:
+        """The epoch's order of training images, which it may cut (a rank's shard)."""
+        return order
+
     def on_loss(self, loop: Loop, x: torch.Tensor, out: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
         """The loss to optimize, from the (augmented) batch, the model's fp32 outputs and the loss so far."""
         return loss
@@ -217,6 +222,8 @@ class Checkpoint(Callback):
         loop.history, loop.start = _resume(self, loop.device, loop.stateful())
 
     def on_epoch_end(self, loop: Loop, epoch: int, metrics: dict) -> None:
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return  # data-parallel ranks hold the same state: rank 0 saves it
         self.save({**{name: obj.state_dict() for name, obj in loop.stateful().items()},
                    "epoch": epoch, "history": loop.history, "config": asdict(loop.cfg)})
 
@@ -393,6 +400,8 @@ def _train_epoch(loop: Loop, epoch: int, images: torch.Tensor, labels: torch.Ten
     loop.model.train()
     for cb in loop.callbacks:
         cb.on_epoch_start(loop, epoch)
+        order = cb.on_order(loop, order)
+    n = len(order)
     check_every = 1 if device.type == "cpu" else 50  # a finite-loss check syncs a GPU: check every 50 steps there
     t0, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
     for i in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,

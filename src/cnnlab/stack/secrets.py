@@ -36,6 +36,26 @@ def write_credentials(path: Path, username: str, password: str) -> Path:
     return write_private(path, f"MLFLOW_TRACKING_USERNAME={username}\nMLFLOW_TRACKING_PASSWORD={password}\n")
 
 
+def write_worker_credentials(path: Path, username: str, password: str, urls: dict[str, str],
+                             optuna_password: str) -> Path:
+    """A tuning worker's files, as another host gets them: MLflow's credentials, the server and the Optuna storage
+    (URLs of this host: reach them through a tunnel on the same ports, or TLS) in `path`, and the storage's password
+    in a PostgreSQL password file beside it (PGPASSFILE, relative to `path`)."""
+    pgpass = write_pgpass(path.with_suffix(".pgpass"), "optuna", ("optuna",), optuna_password)
+    return write_private(path, f"MLFLOW_TRACKING_USERNAME={username}\nMLFLOW_TRACKING_PASSWORD={password}\n"
+                               f"MLFLOW_TRACKING_URI={urls['tracking_uri']}\nCNNLAB_OPTUNA_STORAGE="
+                               f"{urls['optuna_storage']}\nPGPASSFILE={pgpass.name}\n")
+
+
+def worker_environment(path: Path) -> dict[str, str]:
+    """The environment a credentials file gives a tuning worker (`cnnlab tune --credentials`), its PGPASSFILE
+    resolved beside it."""
+    env = read_env_file(path)
+    if "PGPASSFILE" in env:
+        env["PGPASSFILE"] = str((path.parent / env["PGPASSFILE"]).resolve())
+    return env
+
+
 def pgpass_password(path: Path, role: str) -> str | None:
     """The password of `role` in a PostgreSQL password file (lines host:port:database:user:password)."""
     if not path.exists():

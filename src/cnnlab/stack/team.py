@@ -13,7 +13,7 @@ from pathlib import Path
 from cnnlab.stack.mlflow_server import ADMIN, MlflowServer, ROLES, WORKSPACE, auth_ini, aws_credentials
 from cnnlab.stack.postgres import DB_OWNERS, Postgres
 from cnnlab.stack.seaweedfs import SeaweedFS, weed_security
-from cnnlab.stack.secrets import credentials, make_tls, new_password, pgpass_password, private_value, write_credentials, write_pgpass, write_private
+from cnnlab.stack.secrets import credentials, make_tls, new_password, pgpass_password, private_value, write_credentials, write_pgpass, write_private, write_worker_credentials
 from cnnlab.stack.supervisor import HOST, get_ok
 
 USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
@@ -160,9 +160,13 @@ class Stack:
             raise ValueError(f"user name {name!r}: use letters, digits and _ . @ - (at most 64)")
         return Path(out) if out else self.users / f"{name}.env"
 
-    def add_user(self, name: str, read_only: bool = False, out: Path | str | None = None) -> dict:
+    def add_user(self, name: str, read_only: bool = False, out: Path | str | None = None,
+                 worker: bool = False) -> dict:
         """A new MLflow user with a generated password, written to a 0600 credentials file; a teammate unless
-        `read_only` (reads everything, changes nothing of the team's)."""
+        `read_only` (reads everything, changes nothing of the team's). A `worker`'s file also names the server and
+        the Optuna storage, with the storage's password file beside it: all a tuning worker on another host needs."""
+        if worker and read_only:
+            raise ValueError("a tuning worker writes runs: it cannot be --read-only")
         from mlflow.exceptions import MlflowException
 
         path = self._credentials_path(name, out)
@@ -178,7 +182,10 @@ class Stack:
                                      f"new password") from None
                 raise
             client.assign_role(name, role)
-        write_credentials(path, name, password)
+        if worker:
+            write_worker_credentials(path, name, password, self.urls(), self._role_password("optuna"))
+        else:
+            write_credentials(path, name, password)
         return {"user": name, "access": access, "credentials": str(path)}
 
     def set_password(self, name: str, out: Path | str | None = None) -> dict:

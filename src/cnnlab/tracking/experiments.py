@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import mlflow
 
-from cnnlab.core import data, models, pipeline
+from cnnlab.core import data, distributed, models, pipeline
 from cnnlab.tracking import runs
 from cnnlab.core.config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
 from cnnlab.core.training import Callback, Checkpoint, Loop
@@ -38,27 +39,34 @@ class LogMetrics(Callback):
         mlflow.log_metrics(metrics, step=epoch + 1)
 
 
-def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, run_id: str | None = None) -> dict:
+def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, run_id: str | None = None,
+        trial_dir: Path | None = None) -> dict:
     """Train, evaluate and log one experiment as one MLflow run; returns run id and final metrics. `callbacks` run
     after each epoch's metrics are logged (e.g. pruning).
 
     A checkpoint per epoch under .cnnlab/checkpoints: re-running the same config on the same data after a crash
-    resumes the same MLflow run at the next epoch.
+    resumes the same MLflow run at the next epoch. A nested run resumes only from `trial_dir` (a retried trial's).
     """
+    if not distributed.is_main():
+        return _follow(cfg)
     runs.init_tracking(cfg.experiment)
     ckpt_dir = checkpoint_dir(cfg)
     previous = None if nested else _interrupted_run(ckpt_dir, cfg)
     run_id = run_id or (None if nested else os.environ.get("MLFLOW_RUN_ID")) or previous
     name = cfg.run_name or cfg.label()
+    if distributed.world_size() > 1:  # rank 0's system metrics, named by its host
+        mlflow.set_system_metrics_node_id(socket.gethostname())
     with runs.tracked_run(name, run_id=run_id, nested=nested, tags={"experiment": cfg.experiment},
                               monitor=True) as active, runs.run_log(active.info.run_id):
         log.info("run %s (%s) in experiment %s", active.info.run_id, name, active.info.experiment_id)
         cfg.validate()
         if nested:  # a trial never resumes another trial's checkpoint
-            ckpt_dir = checkpoint_dir(active.info.run_id)
+            ckpt_dir = trial_dir or checkpoint_dir(active.info.run_id)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "run_id").write_text(active.info.run_id)
         _log_config(cfg, active.info.run_id)
+        if distributed.world_size() > 1:
+            mlflow.log_params(distributed.params(cfg.batch_size))
         trained = pipeline.prepare(cfg, load_bundle=runs.load_bundle)
         datasets = _log_data(trained)
         _carry_over(pipeline.checkpoint(cfg, trained.splits, ckpt_dir / "last.pt"), active.info.run_id, previous)
@@ -68,6 +76,14 @@ def run(cfg: Config, callbacks: Sequence[Callback] = (), nested: bool = False, r
         log.info("%s; see %s", ", ".join(f"{k} {results[k]:.4f}" for k in ("val_accuracy", "test_accuracy")
                                          if k in results), runs.run_url(active))
         return {"run_id": active.info.run_id, **results}
+
+
+def _follow(cfg: Config) -> dict:
+    """A torchrun rank other than 0: trains its shard from rank 0's checkpoint (after rank 0 has set it up: DDP
+    waits for every rank), logs nothing, evaluates nothing."""
+    trained = pipeline.prepare(cfg, load_bundle=runs.load_bundle)
+    pipeline.train(trained, checkpoint_path=checkpoint_dir(cfg) / "last.pt")
+    return {"rank": distributed.rank()}
 
 
 def _log_config(cfg: Config, run_id: str) -> None:
@@ -133,6 +149,7 @@ def _carry_over(checkpoint: Checkpoint, run_id: str, previous_run: str | None) -
     for epoch, metrics in enumerate(state["history"]):
         if epoch + 1 not in logged:
             mlflow.log_metrics(metrics, step=epoch + 1)
+    mlflow.set_tag("resumed_from_epoch", len(state["history"]))  # the epochs carried over, not trained again
     if previous_run and previous_run != run_id:
         mlflow.set_tag("resumed_from_run", previous_run)
 

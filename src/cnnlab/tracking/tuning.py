@@ -291,19 +291,21 @@ def make_storage(spec: dict) -> optuna.storages.RDBStorage:
 
 
 def _stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """A trial whose worker died: its MLflow run ends FAILED, and its parameters are queued once more."""
+    """A trial whose worker died: its MLflow run ends FAILED, and its parameters are queued once more with the
+    epochs it reported; the retry resumes from its checkpoint (trial_checkpoints)."""
     run_id = trial.user_attrs.get("mlflow_run_id")
     if run_id:
         client = MlflowClient()
         client.set_tag(run_id, "error", "worker died: no Optuna heartbeat; the trial is FAILED and retried")
         client.set_terminated(run_id, "FAILED")
-        _drop_checkpoints(run_id)
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, trial)
 
 
-def _drop_checkpoints(run_id: str) -> None:
-    """A trial's checkpoints are never resumed (a retried trial is a new trial with a new run)."""
-    shutil.rmtree(experiments.checkpoint_dir(run_id), ignore_errors=True)
+def trial_checkpoints(spec: dict, cfg, first_trial: int) -> Path:
+    """A trial's checkpoint folder in this working folder, named by the study, the trial it retries (or its own
+    number) and its config's digest (its parameters); the checkpoint's key adds the dataset digest. A retry that
+    runs in another working folder (another host) finds none and trains from epoch 1."""
+    return experiments.CHECKPOINT_ROOT / f"trial-{spec['study_name']}-{first_trial}-{cfg.digest()}"
 
 
 def open_study(spec: dict, storage: optuna.storages.RDBStorage) -> optuna.Study:
@@ -325,22 +327,26 @@ def open_study(spec: dict, storage: optuna.storages.RDBStorage) -> optuna.Study:
     return study
 
 
-def counted(study: optuna.Study) -> int:
-    """Trials that count toward n_trials: finished or running, except dead ones whose retry replaces them."""
+def _unreplaced(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials except dead ones that a retry replaced (the retry inherits their reported epochs)."""
     trials = study.get_trials(deepcopy=False)
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    return sum(t.state != TrialState.WAITING and t.number not in replaced for t in trials)
+    return [t for t in trials if t.number not in replaced]
+
+
+def counted(study: optuna.Study) -> int:
+    """Trials that count toward n_trials: finished or running, except dead ones whose retry replaces them."""
+    return sum(t.state != TrialState.WAITING for t in _unreplaced(study))
 
 
 def epochs_spent(study: optuna.Study) -> int:
-    """Training epochs of all trials so far (each reports once per epoch)."""
-    return sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
+    """Training epochs of all trials so far (each reports once per epoch; a resumed trial's epochs count once)."""
+    return sum(len(t.intermediate_values) for t in _unreplaced(study))
 
 
 def images_spent(study: optuna.Study) -> int:
     """Training images processed by all trials so far: each epoch counts its trial's training-split size."""
-    return sum(len(t.intermediate_values) * t.user_attrs.get("epoch_images", 0)
-               for t in study.get_trials(deepcopy=False))
+    return sum(len(t.intermediate_values) * t.user_attrs.get("epoch_images", 0) for t in _unreplaced(study))
 
 
 def trial_images(study: optuna.Study) -> int:
@@ -383,18 +389,29 @@ def objective(trial: optuna.Trial, spec: dict, parent_id: str) -> float:
     params = {**spec["fixed"], **suggest(trial, spec["space"])}
     cfg = make_config(spec["experiment"], **params, log_model=False, eval_test=False,
                       run_name=f"{spec['study_name']}-trial-{trial.number}")
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    retried = frozen.system_attrs.get("failed_trial")  # set by RetryHeartbeatStaleTrialCallback
+    retry = {} if retried is None else {"retry_of_trial": str(retried),
+                                        "retry_of_run": frozen.user_attrs.get("mlflow_run_id", "")}
     run_id = child_run(spec, parent_id, cfg.run_name, trial_number=str(trial.number),
-                       worker=f"{socket.gethostname()}:{os.getpid()}")
+                       worker=f"{socket.gethostname()}:{os.getpid()}", **retry, **placed())
+    ckpt_dir = trial_checkpoints(spec, cfg, trial.number if retried is None else retried)
     trial.set_user_attr("mlflow_run_id", run_id)
     budget, epochs = spec["budget_images"], cfg.total_epochs()
     epoch_images = len(pipeline.load_data(cfg)["train"])  # a subset (limit) counts its own size
     trial.set_user_attr("epoch_images", epoch_images)
     trial.set_user_attr("trial_images", epochs * epoch_images)
     try:
-        return experiments.run(cfg, [Pruning(trial, epochs, epoch_images, budget)], nested=True,
-                               run_id=run_id)["val_accuracy"]
-    finally:
-        _drop_checkpoints(run_id)
+        return experiments.run(cfg, [Pruning(trial, epochs, epoch_images, budget)], nested=True, run_id=run_id,
+                               trial_dir=ckpt_dir)["val_accuracy"]
+    finally:  # complete, pruned or failed: never resumed (a dead worker never gets here: its retry resumes)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def placed() -> dict:
+    """The worker's GPUs as a run tag, when it was given some."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {} if visible is None else {"cuda_visible_devices": visible}
 
 
 def child_run(spec: dict, parent_id: str, name: str, **tags) -> str:
@@ -442,10 +459,12 @@ def _die_with(driver: int) -> None:
 
 
 def _worker(spec: dict, parent_id: str, n_trials: int, index: int, threads: int, driver: int,
-            log_settings: tuple | None) -> None:
-    """A worker process: dies with its driver; its own storage connections, a share of the CPU threads, the
-    parent's log settings."""
+            log_settings: tuple | None, gpus: list[str] | None) -> None:
+    """A worker process: dies with its driver; its own storage connections, its GPUs (before CUDA starts) or a
+    share of the CPU threads, the parent's log settings."""
     _die_with(driver)
+    if gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     if log_settings:
         logs.setup(*log_settings)
     torch.set_num_threads(threads)
@@ -467,9 +486,10 @@ def search(storage: optuna.storages.RDBStorage, spec: dict, parent_id: str, work
         optimize(storage, spec, parent_id, todo)
         return
     threads = devices.threads_per_worker(workers)
+    gpus = devices.place_workers(workers) or [None] * workers
     shares = [todo // workers + (i < todo % workers) for i in range(workers)]
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited DB connections or CUDA state
-    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid(), logs.settings),
+    procs = [spawn.Process(target=_worker, args=(spec, parent_id, n, i, threads, os.getpid(), logs.settings, gpus[i]),
                            name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
     for p in procs:
         p.start()
@@ -562,7 +582,6 @@ def retrain_best(study: optuna.Study, spec: dict, parent_id: str) -> dict:
     cfg = make_config(spec["experiment"], **spec["fixed"], **best.params, run_name=f"{spec['study_name']}-final")
     run_id = child_run(spec, parent_id, cfg.run_name, final="true", best_trial=str(best.number))
     result = experiments.run(cfg, nested=True, run_id=run_id)
-    _drop_checkpoints(run_id)
     study.set_user_attr("final_run", {"run_id": run_id, "best_trial": best.number})
     mlflow.set_tag("final_run_id", run_id)
     return {"run_id": run_id, "val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
@@ -587,6 +606,8 @@ def tune(spec: dict, workers: int = 1, final: bool = True) -> dict:
     if workers > 1 and spec["storage"].startswith("sqlite"):
         raise ValueError(f"--workers {workers} needs PostgreSQL: SQLite is not safe for parallel writers; use "
                          f"--storage postgresql://USER@HOST/DB (e.g. the optuna_storage URL `cnnlab stack up` prints)")
+    if workers > 1:
+        devices.place_workers(workers)  # refused here, before the study's run starts, when GPUs are too few
     if workers > 1 and runs.init_tracking().startswith("sqlite"):
         log.warning("%d workers write MLflow runs into one SQLite file; under load it may answer 'database is "
                     "locked': set MLFLOW_TRACKING_URI to a server (cnnlab stack up)", workers)
