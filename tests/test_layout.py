@@ -115,3 +115,11 @@ def test_a_model_logged_before_the_move_loads_and_predicts_the_same(tmp_path):
     for got, want in zip(answers, expected["answers"]):
         assert got.keys() == want.keys()
         assert all(abs(got[k] - want[k]) < 1e-6 for k in want if k.startswith("prob_"))
+
+
+def test_no_function_is_over_60_lines():
+    """Read top to bottom: a function longer than a screen is split into named steps."""
+    long = [f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(PACKAGE.rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []

@@ -362,20 +362,7 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__, epilog="`cnnlab COMMAND --help` "
-                                     "explains each command with an example.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-    common = _common()
-
-    def command(name: str, func, **kwargs) -> argparse.ArgumentParser:
-        summary, description = COMMANDS[name]
-        p = sub.add_parser(name, help=summary, description=description, parents=[common],
-                           formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
-        p.set_defaults(func=func)
-        return p
-
-    p = command("train", cmd_train, epilog_from=_train_epilog)
+def _train_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", help="an experiment (listed below; details: cnnlab experiments)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config field, e.g. -P epochs=3 -P lr=1e-3 (fields: cnnlab experiments)")
@@ -384,15 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-config", action="store_true",
                    help="print the experiment's every field (with your -P values), its type and allowed values; "
                    "train nothing")
-    command("experiments", cmd_experiments)
-    p = command("ensemble", cmd_ensemble)
+
+
+def _ensemble_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run IDs (their logged models) or models:/ URIs; ensembles "
                    "among them are flattened; all trained on the same split (same split_seed)")
     p.add_argument("--name", default="", help="experiment tag and MLflow experiment of the run, the name to register "
                    "(default: <members' experiment>_ensemble)")
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="evaluation settings over the first member's config, e.g. -P tta=tencrop -P data_dir=DIR")
-    p = command("reproduce", cmd_reproduce)
+
+
+def _reproduce_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
                    help="small subsets, 1 epoch, ResNet at 48 px: a smoke check of the whole table")
     p.add_argument("--only", action="append", default=[], metavar="NAME[,NAME]",
@@ -400,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="set a config field in every row, e.g. -P device=cuda -P precision=bf16")
     p.add_argument("--out", default="reports", help="folder for reproduce.md / .html / .json (default: reports)")
-    stack = command("stack", cmd_stack)
+
+
+def _stack_arguments(stack: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--root", default=".cnnlab/stack", help="data, secrets, logs, pids (default: .cnnlab/stack)")
     actions = stack.add_subparsers(dest="action", required=True)
@@ -437,11 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--worker", action="store_true", help="also the server's and the Optuna storage's URLs and "
                            "password file: `cnnlab tune SPACE --credentials FILE` on any host joins a study")
         p.set_defaults(func=cmd_stack_user)
-    p = command("register", cmd_register)
+
+
+def _register_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
     p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
-    p = command("tune", cmd_tune)
+
+
+def _tune_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("space", help="search space YAML, e.g. tuning/fer_cnn.yaml")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default: the YAML's, else sqlite:///optuna.db); "
                    "postgresql://USER@HOST/DB for several workers or machines")
@@ -460,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", nargs="?", type=_argument("bool"), const=True, default=True, metavar="BOOL",
                    help="retrain the best configuration and evaluate it once on test (default: true)")
     p.add_argument("--no-final", dest="final", action="store_false", help="skip the final retrain")
-    p = command("serve", cmd_serve)
+
+
+def _serve_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("model_uri", help="e.g. models:/fer_cnn@champion, runs:/RUN_ID/model or a local folder")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("-p", "--port", type=int, default=5000)
@@ -471,21 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
     p.add_argument("--trust-model-code", action="store_true",
                    help="load the model without checking that it runs only this cnnlab's code (docs/SECURITY.md)")
-    p = command("demo", cmd_demo)
+
+
+def _demo_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")
     p.add_argument("--host", default="127.0.0.1", help="address the page listens on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="(default: 8080)")
     p.add_argument("--max-body-mb", type=float, default=16, help="largest request forwarded to the model (default: 16)")
-    command("mlproject", cmd_mlproject)
-    p = command("compare", cmd_compare)
+
+
+def _compare_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     p.add_argument("run_a", help="MLflow run ID of model A (e.g. the champion's source run)")
     p.add_argument("run_b", help="MLflow run ID of model B")
     p.add_argument("--split", default="test", help="the evaluated split whose predictions to pair (default: test)")
     p.add_argument("--resamples", type=_argument("int", least=1), help="bootstrap resamples (default: 2000)")
     p.add_argument("--seed", type=_argument("int", least=0), help="bootstrap seed (default: 0)")
     p.add_argument("--alpha", type=float, help="significance level (default: 0.05)")
-    p = command("runs", cmd_runs)
+
+
+def _runs_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
     runs = p.add_subparsers(dest="action", required=True)
     e = runs.add_parser("export", parents=[common], help="write the store's runs into a folder; --pack splits it into parts")
     e.add_argument("dest", help="export folder (an existing export there is extended)")
@@ -499,6 +502,37 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--experiment", default="", help="put every run into this experiment (default: its own)")
     for q in (e, i):
         q.add_argument("--tracking-uri", default="", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+
+
+ARGUMENTS = {  # command: (what runs it, what adds its arguments)
+    "train": (cmd_train, _train_arguments),
+    "experiments": (cmd_experiments, None),
+    "ensemble": (cmd_ensemble, _ensemble_arguments),
+    "reproduce": (cmd_reproduce, _reproduce_arguments),
+    "stack": (cmd_stack, _stack_arguments),
+    "register": (cmd_register, _register_arguments),
+    "tune": (cmd_tune, _tune_arguments),
+    "serve": (cmd_serve, _serve_arguments),
+    "demo": (cmd_demo, _demo_arguments),
+    "mlproject": (cmd_mlproject, None),
+    "compare": (cmd_compare, _compare_arguments),
+    "runs": (cmd_runs, _runs_arguments),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnlab", description=__doc__, epilog="`cnnlab COMMAND --help` "
+                                     "explains each command with an example.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    common = _common()
+    for name, (func, arguments) in ARGUMENTS.items():
+        summary, description = COMMANDS[name]
+        p = sub.add_parser(name, help=summary, description=description, parents=[common],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog_from=_train_epilog if name == "train" else None)
+        p.set_defaults(func=func)
+        if arguments:
+            arguments(p, common)
     return parser
 
 
