@@ -12,6 +12,7 @@ from cnnlab.tracking import experiments, runs as tracking
 from cnnlab.core.augment import batch_augment
 from cnnlab.core.training import EMA, TrainConfig, make_optimizer, param_groups
 from crash import Crash, CrashAfter
+from support import run_pipeline
 
 
 def bn_net() -> nn.Module:
@@ -63,7 +64,7 @@ def tiny_fer(fer_subset, **overrides) -> config.Config:
 
 def test_the_run_evaluates_logs_and_serves_the_averaged_weights_and_measures_the_trained_ones(fer_subset, tmp_path):
     cfg = tiny_fer(fer_subset, ema=0.9)
-    trained = pipeline.run(cfg, tmp_path / "eval")
+    trained = run_pipeline(cfg, tmp_path / "eval")
     assert trained.raw_model is not None and trained.model is not trained.raw_model
     averaged, raw = trained.model.state_dict(), trained.raw_model.state_dict()
     assert not torch.equal(averaged["net.0.weight"], raw["net.0.weight"])

@@ -16,9 +16,9 @@ import torch
 from cnnlab import cli
 from cnnlab.core import config, models, pipeline
 from cnnlab.tracking import experiments, registry, runs as tracking
-from cnnlab.core.augment import tta_probabilities
 from cnnlab.serving.model import CnnlabModel
 from cnnlab.core.training import predict
+from support import run_pipeline, tta_probabilities
 from conftest import REPO
 
 
@@ -99,7 +99,7 @@ def test_a_student_distilled_from_a_teacher_learns_its_predictions_and_records_i
 def test_an_ensemble_teacher_is_named_by_its_members(fer_subset, tmp_path):
     members = []
     for seed in (0, 1):
-        trained = pipeline.run(tiny_fer(fer_subset, seed=seed, split_seed=0), tmp_path / str(seed))
+        trained = run_pipeline(tiny_fer(fer_subset, seed=seed, split_seed=0), tmp_path / str(seed))
         torch.save(trained.bundle(), tmp_path / f"m{seed}.pt")
         members.append(str(tmp_path / f"m{seed}.pt"))
     student = pipeline.prepare(tiny_fer(fer_subset, teacher=",".join(members)))
@@ -113,7 +113,7 @@ def test_an_ensemble_teacher_is_named_by_its_members(fer_subset, tmp_path):
 
 @pytest.mark.parametrize("tta", ["flip", "tencrop"])
 def test_the_serving_tta_function_equals_the_pipelines_tta_evaluation(fer_subset, tmp_path, tta):
-    trained = pipeline.run(tiny_fer(fer_subset, tta=tta, epochs=3), tmp_path)
+    trained = run_pipeline(tiny_fer(fer_subset, tta=tta, epochs=3), tmp_path)
     images = trained.splits["test"].images
     with torch.no_grad():
         served = tta_probabilities(trained.model.eval().cpu(), images, tta).numpy()

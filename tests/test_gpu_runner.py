@@ -34,7 +34,7 @@ HANG = textwrap.dedent("""
     with tracking.tracked_run(sys.argv[1]):
         spec = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
         net = Classifier(Preprocess(0.3, 0.3, 28), models.create(**spec))
-        tracking.log_model(net, spec, ["a", "b", "c"], np.zeros((2, 28, 28), np.uint8))
+        tracking.log_bundle(models.bundle(net, spec, ["a", "b", "c"]), np.zeros((2, 28, 28), np.uint8))
         print("model logged", flush=True)
         time.sleep(600)
 """)

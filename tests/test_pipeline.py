@@ -21,6 +21,7 @@ from cnnlab.core.preprocess import Preprocess
 from cnnlab.core.training import Checkpoint, TrainConfig, fit
 from crash import Crash, CrashAfter
 from payload import Payload
+from support import run_pipeline
 from test_data import make_fmnist
 
 COLORS = ["red", "green", "blue"]
@@ -58,7 +59,7 @@ def toy_experiment(monkeypatch):
 
 
 def test_a_color_dataset_and_model_defined_here_train_and_evaluate(toy_experiment, tmp_path):
-    trained = pipeline.run(config.make_config(toy_experiment), tmp_path / "eval")
+    trained = run_pipeline(config.make_config(toy_experiment), tmp_path / "eval")
     assert [len(trained.splits[k]) for k in ("train", "val", "test")] == [540, 60, 150]
     pre = trained.model.preprocess
     assert pre.config()["image_channels"] == 3 and len(pre.mean) == 3 and pre.channels == 3
@@ -113,7 +114,7 @@ def test_preprocess_normalizes_each_color_channel_and_reads_old_gray_configs():
 
 
 def test_no_validation_split_trains_on_all_of_train_and_evaluates_test(toy_experiment, tmp_path):
-    trained = pipeline.run(config.make_config(toy_experiment, epochs=1, val_fraction=0), tmp_path)
+    trained = run_pipeline(config.make_config(toy_experiment, epochs=1, val_fraction=0), tmp_path)
     assert set(trained.splits) == {"train", "test"} and len(trained.splits["train"]) == 600
     assert not any(k.startswith("val") for k in [*trained.history[0], *trained.metrics, *trained.probabilities])
     result = experiments.run(config.make_config(toy_experiment, epochs=1, val_fraction=0, log_model=False))

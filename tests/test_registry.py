@@ -35,7 +35,7 @@ def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", s
                             "test_auc_a": 0.9, "test_f1_b": 0.8})
         if model:
             net = Classifier(Preprocess(0.3, 0.3, 28), models.create(**SPEC))
-            tracking.log_model(net, SPEC, ["a", "b", "c"], np.zeros((2, 28, 28), np.uint8))
+            tracking.log_bundle(models.bundle(net, SPEC, ["a", "b", "c"]), np.zeros((2, 28, 28), np.uint8))
         if status != "FINISHED":
             mlflow.end_run(status)
     return run.info.run_id

@@ -179,7 +179,7 @@ def test_decoded_exactly_as_in_training(trained, fer_subset, monkeypatch):
 
 def test_tta_and_explain_params(trained, fer_subset, monkeypatch):
     """params.tta averages the views as evaluation does; params.explain adds a Grad-CAM PNG of each image's size."""
-    from cnnlab.core.augment import tta_probabilities
+    from support import tta_probabilities
     from cnnlab.core.data import fer2013
     from cnnlab.core.models import from_bundle
 

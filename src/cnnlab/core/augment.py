@@ -117,10 +117,3 @@ def view_probabilities(model, views: list[torch.Tensor]) -> torch.Tensor:
     return sum(model.probabilities(model(v)) for v in views) / len(views)
 
 
-def tta_probabilities(model, pixels: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """A Classifier's class probabilities (N, C) for a batch of pixels, averaged over the test-time views `tta` names
-    (none, flip, tencrop): what evaluation does, for serving one request."""
-    if tta not in TTA:
-        raise ValueError(f"tta must be one of {list(TTA)}, got {tta!r}")
-    views = tta_views(tta)
-    return view_probabilities(model, views(pixels) if views else [pixels])

@@ -188,10 +188,3 @@ def ensemble(member_bundles: list[dict], cfg: Config) -> Trained:
                          "members_digest": models.bundle_digest(data)})
 
 
-def run(cfg: Config, out_dir: Path, callbacks: Sequence[Callback] = (),
-        checkpoint_path: Path | None = None) -> Trained:
-    """Prepare, train and evaluate one experiment; evaluation files go to out_dir."""
-    trained = prepare(cfg)
-    train(trained, callbacks, checkpoint_path)
-    evaluate(trained, out_dir)
-    return trained

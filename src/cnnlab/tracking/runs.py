@@ -210,13 +210,6 @@ def _quiet_model_logging():
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def log_model(classifier, spec: dict, classes: list[str], example, step: int = 0) -> str:
-    """Log the classifier as the cnnlab pyfunc; returns the logged model's id."""
-    from cnnlab.core.models import bundle
-
-    return log_bundle(bundle(classifier, spec, classes), example, step)
-
-
 def log_bundle(data: dict, example, step: int = 0) -> str:
     """Log a model bundle (one model or an ensemble) as the cnnlab pyfunc (owns its preprocessing), with a
     signature and an input example: uint8 (N, H, W) pixels (the model takes base64 images too). Returns its id."""
