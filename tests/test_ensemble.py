@@ -52,6 +52,8 @@ def test_runs_as_one_tracked_registered_model_that_averages_their_probabilities(
     labels = test.labels.numpy()
     assert run.data.metrics["test_accuracy"] == pytest.approx((mean.argmax(1) == labels).mean())
     assert {"val_accuracy", "test_tta_accuracy", "test_tta_ece"} <= set(run.data.metrics)  # the evaluation of any run
+    on_model = {m.key for m in tracking.logged_model(run).metrics if m.dataset_name}  # as any run's logged model
+    assert {"val_accuracy", "test_accuracy", "test_tta_accuracy"} <= on_model
 
     assert registry.register("fer_best_ensemble")["alias"] == "champion"  # like any run
     served = mlflow.pyfunc.load_model("models:/fer_best_ensemble@champion").unwrap_python_model()

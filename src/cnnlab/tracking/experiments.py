@@ -159,8 +159,8 @@ def _evaluate_and_log(trained: pipeline.Trained, datasets: dict) -> dict[str, fl
     with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
         results = pipeline.evaluate(trained, Path(tmp))
         mlflow.log_artifacts(tmp, "evaluation")
-    step = len(trained.history)
-    rest = {k: v for k, v in results.items() if k not in trained.history[-1]}
+    step = len(trained.history)  # an ensemble trains nothing: its metrics at step 0
+    rest = {k: v for k, v in results.items() if k not in (trained.history[-1] if trained.history else {})}
     if trained.cfg.log_model:
         example = trained.splits["test"].images[:2].numpy()
         model_id = runs.log_bundle(trained.bundle(), example, step=step)
@@ -231,13 +231,9 @@ def ensemble(refs: list[str], name: str = "", overrides: dict | None = None) -> 
         member_digests = ",".join(c.digest() for c in configs)
         trained.tags.update({"experiment": name, "model": "ensemble", "ensemble_of": ",".join(refs),
                              "config_digest": hashlib.sha256(member_digests.encode()).hexdigest()[:16]})
-        _log_data(trained)
+        datasets = _log_data(trained)
         mlflow.log_params({"members": len(sources), "tta": cfg.tta, "eval_batch_size": cfg.eval_batch_size,
                            "precision": cfg.precision, "device": cfg.device})
         mlflow.log_dict({s: asdict(c) for s, c in zip(sources, configs)}, "members.json")
-        with tempfile.TemporaryDirectory(prefix="cnnlab-eval-") as tmp:
-            results = pipeline.evaluate(trained, Path(tmp))
-            mlflow.log_metrics(results)
-            mlflow.log_artifacts(tmp, "evaluation")
-        runs.log_bundle(trained.bundle(), trained.splits["test"].images[:2].numpy())
+        results = _evaluate_and_log(trained, datasets)
         return {"run_id": active.info.run_id, "name": name, "members": sources, **results}
