@@ -177,7 +177,8 @@ def rows_of(entry: dict, faces: np.ndarray, labels: np.ndarray, args, root: Path
             "http_images_per_s_batch256": http_per_s(entry, runtime, faces, root, args.rounds) if args.http else None,
             "params": models.count_parameters(clf.net), "train_seconds": entry["train_seconds"],
             "train_seconds_to_57_8": entry["to_bar"], "machine": machine()})
-        print(f"  {entry['label']} {runtime}: {out[-1]['ms_per_image_batch1']:.3f} ms", flush=True)
+        print(f"  {entry['label']} {runtime}: {out[-1]['ms_per_image_batch1']:.3f} ms, HTTP "
+              f"{cell(out[-1]['http_images_per_s_batch256'])} img/s", flush=True)
     return out
 
 
@@ -238,16 +239,45 @@ def report(rows: list[dict], notes: list[str], args) -> str:
                       "", table(body, tuple(head)), "", targets, *notes])
 
 
+CANDIDATES = [dict(width=8, expand=4), dict(width=16, expand=1), dict(width=16, expand=4),
+              dict(width=16, expand=4, se=True), dict(width=24, expand=4), dict(width=32, expand=1),
+              dict(width=32, expand=1, se=True)]
+
+
+def candidates(train, root: Path, repeats: int) -> str:
+    """face_mobile's variants untrained (the choice of the preset): parameters and ms per image at batch 1 on 1 thread
+    in torch fp32, ONNX Runtime fp32 and int8, beside fer_cnn and vgg_bn."""
+    rows = []
+    for preset, changes in [("fer_cnn", {}), ("fer_best", {})] + [("fer_mobile", c) for c in CANDIDATES]:
+        clf, spec = pipeline.build(make_config(preset, **changes), train)
+        files = export.export(clf, root / str(len(rows)), train.images, None)
+        x = export.net_input(clf, train.images[:64])
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            speeds = [ms_per_image(lambda v: clf.net(torch.from_numpy(v)), x, repeats)]
+        speeds += [ms_per_image(lambda v, s=export.session(p, 1): s.run(None, {"x": v}), x, repeats)
+                   for p in (files["onnx_fp32"], files["onnx_int8"])]
+        rows.append((spec["name"], " ".join(f"{k}={v}" for k, v in changes.items()),
+                     f"{models.count_parameters(clf.net):,}", *(f"{v:.3f}" for v in speeds)))
+    return table(rows, ("net", "settings", "params", "torch fp32 ms", "ORT fp32 ms", "ORT int8 ms"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="300 faces, few repeats")
     parser.add_argument("--run", action="append", default=[], metavar="LABEL=RUN_ID", help="a tracked model")
     parser.add_argument("--no-http", dest="http", action="store_false")
+    parser.add_argument("--candidates", action="store_true", help="face_mobile's variants untrained, speed only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.repeats, args.rounds, n = (50, 2, 300) if args.quick else (500, 10, 0)
     cfg = make_config("fer_best", data_dir=os.environ.get("FER2013_DIR", ""))
     splits = pipeline.load_data(cfg)
+    if args.candidates:
+        with tempfile.TemporaryDirectory(prefix="bench-pareto-") as tmp:
+            print(f"{machine()}; batch 1, 1 thread, median of {args.repeats}\n"
+                  f"{candidates(splits['train'], Path(tmp), args.repeats)}")
+        return
     test = splits["test"]
     pick = np.random.default_rng(0).permutation(len(test))[:n] if n else np.arange(len(test))
     args.faces, labels = test.images.numpy()[pick], test.labels.numpy()[pick]
