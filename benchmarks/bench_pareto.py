@@ -3,6 +3,7 @@
 
     python benchmarks/bench_pareto.py --quick                       # untrained fer_cnn, vgg_bn, face_mobile: speed only
     python benchmarks/bench_pareto.py --run face_mobile=RUN_ID --run fer_best=RUN_ID ...   # trained models by run
+    python benchmarks/bench_pareto.py --candidates                  # face_mobile's variants, untrained: the choice
 
 Per row: PublicTest accuracy with its 95% interval, ms per image at batch 1 for the runtime session alone (1 thread,
 all cores) and for the pyfunc's predict, images/s in process and over HTTP (`cnnlab serve`) at batch 256, parameters,
@@ -283,9 +284,10 @@ def main() -> None:
     args.faces, labels = test.images.numpy()[pick], test.labels.numpy()[pick]
     with tempfile.TemporaryDirectory(prefix="bench-pareto-") as tmp:
         root = Path(tmp)
-        entries = [tracked(label, run_id, root) for label, run_id in (r.split("=", 1) for r in args.run)]
-        if not entries:
-            entries = [untrained(label, preset, splits["train"], root) for label, preset in UNTRAINED.items()]
+        given = dict(r.split("=", 1) for r in args.run)
+        entries = [tracked(label, run_id, root) for label, run_id in given.items()]
+        entries += [untrained(label, preset, splits["train"], root) for label, preset in UNTRAINED.items()
+                    if label not in given]  # speed rows for the models no run was given for
         rows = [row for e in entries for row in rows_of(e, args.faces, labels, args, root)]
         fer = fer_package(args.faces, labels, test.classes, root, args.repeats)
         notes = [fer] if isinstance(fer, str) else []

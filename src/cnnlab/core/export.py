@@ -25,9 +25,10 @@ def net_input(classifier: Classifier, pixels: torch.Tensor) -> np.ndarray:
 def to_onnx(classifier: Classifier, path: Path) -> Path:
     """The classifier's network (after preprocessing) as an fp32 ONNX file with a dynamic batch dimension."""
     pre = classifier.preprocess
-    size = pre.size or 48
+    if not pre.size:
+        raise ValueError("an ensemble's outer preprocessing has no input size: export its members")
     net = classifier.net.float().eval()
-    example = torch.zeros(2, pre.channels, size, size)
+    example = torch.zeros(2, pre.channels, pre.size, pre.size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(net, (example,), dynamo=True, input_names=["x"], output_names=["logits"],
                                 dynamic_shapes=({0: batch},), optimize=True, verbose=False)

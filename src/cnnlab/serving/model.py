@@ -83,7 +83,8 @@ class Budget:
 
 def pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam"):
+    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam",
+                "onnxruntime"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
