@@ -166,8 +166,8 @@ def rows_of(entry: dict, faces: np.ndarray, labels: np.ndarray, args, root: Path
         x = export.net_input(clf, torch.from_numpy(faces))
         preds = np.concatenate([every(x[i: i + 256]) for i in range(0, len(x), 256)]).argmax(1)
         ci = stats.classification_intervals(labels, preds, 7)["accuracy"]
-        if runtime == "torch":
-            precision = serving_precision()  # the pyfunc's and the server's torch path
+        if runtime == "torch" and serving_precision() != "fp32":  # the session columns run fp32, the pyfunc not
+            precision = f"fp32 (pyfunc, HTTP {serving_precision()})"
         out.append({
             "model": entry["label"], "precision": precision, "runtime": runtime,
             "accuracy": float((preds == labels).mean()), "ci_low": ci.low, "ci_high": ci.high,
