@@ -21,6 +21,9 @@ from cnnlab.core.preprocess import Classifier, Preprocess
     ("vgg_bn", {"width": 16}, 48, 7),
     ("vgg_bn", {"width": 16, "head": "fc"}, 48, 7),
     ("vgg_bn", {"width": 16, "head": "fc"}, 43, 7),  # a ten-crop view
+    ("face_mobile", {}, 48, 7),
+    ("face_mobile", {"width": 8, "expand": 1, "se": True}, 43, 7),
+    ("face_mobile", {"width": 8, "in_chans": 3}, 48, 7),
 ])
 def test_output_shapes(name, kwargs, size, classes):
     net = models.create(name, **kwargs).eval()
@@ -32,6 +35,19 @@ def test_fer_cnn_matches_the_report():
     assert models.count_parameters(models.create("fer_cnn")) == 2_452_999
     probs = models.create("fer_cnn", variant="model1").eval()(torch.randn(3, 1, 48, 48))
     assert torch.allclose(probs.sum(1), torch.ones(3))  # model1 ends in a softmax
+
+
+def test_face_mobile_width_expand_and_se_change_its_size():
+    size = {kw: models.count_parameters(models.create("face_mobile", **dict(kw))) for kw in
+            [(("width", 32), ("expand", 1)), (("width", 16), ("expand", 1)), (("width", 16), ("expand", 4)),
+             (("width", 16), ("expand", 4), ("se", True))]}
+    small, half, wide, se = size.values()
+    assert small == 483_943  # the fer_mobile preset's net
+    assert half < small / 3 and half < wide < se  # channels ~ width: parameters ~ width^2; expansion, SE add
+    blocks = [m for m in models.create("face_mobile", width=8).modules() if isinstance(m, models.InvertedResidual)]
+    assert len(blocks) == sum(n for _, _, n in models.FACE_STAGES) and sum(b.residual for b in blocks) == 6
+    with pytest.raises(ValueError, match="width >= 4 and expand >= 1, got width=16, expand=0"):
+        models.create("face_mobile", expand=0)
 
 
 def test_unknown_model_and_variant():

@@ -32,6 +32,8 @@ class Config(DataOptions, TrainConfig):
     small_input: bool = models.defaults("resnet18")["small_input"]
     width: int = models.defaults("vgg_bn")["width"]
     head: str = models.defaults("vgg_bn")["head"]  # vgg_bn: global average pool, or fc on a 3x3 grid
+    expand: int = models.defaults("face_mobile")["expand"]  # face_mobile: 1 makes its blocks depthwise-separable
+    se: bool = models.defaults("face_mobile")["se"]  # face_mobile: squeeze-excitation in every block
     image_size: int = 0  # 0: the dataset's own size
     freeze: str = "none"
     unfreeze_epochs: int = 0
@@ -47,6 +49,7 @@ class Config(DataOptions, TrainConfig):
     split_seed: int = -1  # seed of the train/val split and of `limit`; -1: `seed` (ensemble members share one split)
     limit: int = 0
     log_model: bool = True
+    export: str = "onnx"  # the logged model also as ONNX (fp32, int8) for ONNX Runtime; none: torch weights only
     eval_test: bool = True  # False for tuning trials: the test split is evaluated once, on the study's final run
     run_name: str = ""
 
@@ -106,14 +109,14 @@ class Config(DataOptions, TrainConfig):
         """A run name that says how this config differs from its experiment's preset, e.g. `fer_cnn variant=model1`."""
         preset = make_config(self.experiment)
         changed = [f"{k}={v}" for k, v in asdict(self).items()
-                   if k not in ("data_dir", "run_name", "log_model", "eval_test") and v != getattr(preset, k)]
+                   if k not in ("data_dir", "run_name", "log_model", "eval_test", "export") and v != getattr(preset, k)]
         return " ".join([self.experiment, *changed])
 
     def digest(self) -> str:
         """Hash of every setting that changes the result: not the run name or where the data lives, nor other datasets'
         options (adding one leaves this run's identity, and so its checkpoints, alone)."""
         # sync_bn: how a run is spread over ranks, like the world size (both key its checkpoint: pipeline.checkpoint)
-        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", "sync_bn", *foreign_options(self.dataset)}
+        skip = {"run_name", "data_dir", "log_model", "eval_test", "device", "sync_bn", "export", *foreign_options(self.dataset)}
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -166,6 +169,14 @@ PRESETS: dict[str, Preset] = {
              schedule="cosine", warmup_epochs=5.0, label_smoothing=0.1, augment="standard", tta="tencrop",
              ema=0.999, epochs=300),
         ("epochs", "batch_size", "lr", "mixup", "cutmix", "tta") + LONG_PARAMS),
+    "fer_mobile": Preset(
+        "face_mobile (depthwise-separable blocks for 48x48 faces, 0.48 M parameters) with fer_best's recipe and "
+        "weight EMA at a CPU budget; served by ONNX Runtime",
+        dict(dataset="fer2013", model="face_mobile", width=32, expand=1, lr=0.05,
+             batch_size=128, optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=5e-4, wd_norm_bias=False,
+             schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, augment="standard", tta="tencrop",
+             ema=0.998, epochs=30),
+        ("width", "expand", "se", "epochs", "batch_size", "lr", "dropout", "tta") + LONG_PARAMS),
 }
 
 
@@ -198,7 +209,7 @@ def allowed_values(datasets: bool = True) -> dict[str, tuple]:
     """Every Config field with a closed set of values, and the set; with `datasets`, the dataset options' too."""
     allowed = {"experiment": tuple(PRESETS), "dataset": tuple(data.names()), "model": tuple(models.names()), **CHOICES,
                "freeze": tuple(models.FREEZE_STAGES), "augment": AUGMENTS, "tta": TTA, "head": models.HEADS,
-               "variant": models.VARIANTS, "in_chans": (1, 3)}
+               "variant": models.VARIANTS, "in_chans": (1, 3), "export": ("onnx", "none")}
     options = {o.name: o.allowed for name in data.names() for o in data.get(name).options if o.allowed}
     return {**allowed, **options} if datasets else allowed
 

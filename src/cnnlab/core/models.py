@@ -188,6 +188,49 @@ def vgg_bn(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.4, width:
                          nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
 
+# (channels as a multiple of `width`, stride of the first block, blocks) per stage: 48 -> 24 -> 24 -> 12 -> 6 -> 3 px
+FACE_STAGES = ((1, 2, 1), (2, 1, 2), (4, 2, 3), (8, 2, 3), (12, 2, 2))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand (skipped at expand=1: depthwise-separable), 3x3 depthwise, optional
+    squeeze-excitation, 1x1 linear projection; a residual where the shape allows."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int, se: bool):
+        super().__init__()
+        from torchvision.ops import Conv2dNormActivation, SqueezeExcitation
+
+        hidden = c_in * expand
+        layers = [Conv2dNormActivation(c_in, hidden, 1)] if expand > 1 else []
+        layers.append(Conv2dNormActivation(hidden, hidden, 3, stride, groups=hidden))
+        if se:
+            layers.append(SqueezeExcitation(hidden, max(8, hidden // 4)))
+        layers.append(Conv2dNormActivation(hidden, c_out, 1, activation_layer=None))
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+@register
+def face_mobile(num_classes: int = 7, in_chans: int = 1, dropout: float = 0.2, width: int = 16, expand: int = 4,
+                se: bool = False) -> nn.Module:
+    """Inverted-residual net for 48x48 faces on CPUs: a stride-1 stem keeps 48 px detail, then FACE_STAGES; `width`
+    scales every layer, expand=1 makes the blocks depthwise-separable (width 32: 0.48 M parameters)."""
+    from torchvision.ops import Conv2dNormActivation
+
+    if width < 4 or expand < 1:
+        raise ValueError(f"face_mobile needs width >= 4 and expand >= 1, got width={width}, expand={expand}")
+    layers, c_in = [Conv2dNormActivation(in_chans, width, 3)], width
+    for mult, stride, blocks in FACE_STAGES:
+        for i in range(blocks):
+            layers.append(InvertedResidual(c_in, mult * width, stride if i == 0 else 1, expand, se))
+            c_in = mult * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(c_in, num_classes))
+
+
 class MemberAverage(nn.Module):
     """An ensemble's net: float 0-1 pixels -> the log of the members' mean class probabilities (so that softmax, as
     for any net's logits, gives that mean back); each member keeps its own preprocessing."""

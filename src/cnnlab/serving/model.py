@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import shutil
@@ -82,7 +83,8 @@ class Budget:
 
 def pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam"):
+    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam",
+                "onnxruntime"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -397,6 +399,22 @@ def serving_threads() -> int | None:
     return int(text)
 
 
+RUNTIMES = ("auto", "torch", "onnx_fp32", "onnx_int8")
+
+
+def serving_runtime(artifacts: dict) -> str:
+    """CNNLAB_SERVING_RUNTIME: torch, onnx_fp32, onnx_int8 or auto (default: what the logged model's runtime.json
+    chose; torch for a model logged without ONNX files)."""
+    choice = os.environ.get("CNNLAB_SERVING_RUNTIME", "auto")
+    if choice not in RUNTIMES:
+        raise ValueError(f"CNNLAB_SERVING_RUNTIME must be one of {list(RUNTIMES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if "runtime" not in artifacts:
+        return "torch"
+    return json.loads(Path(artifacts["runtime"]).read_text())["default"]
+
+
 class FaceDetector:
     """OpenCV's bundled frontal-face Haar cascade (one per thread: a cascade is not safe to share)."""
 
@@ -426,6 +444,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         self._load(context.artifacts["bundle"])
+        self._use_runtime(context.artifacts)
 
     @classmethod
     def from_bundle_file(cls, path) -> "CnnlabModel":
@@ -463,6 +482,31 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
                 m.float()
         self._lock = threading.Lock()  # one forward at a time: concurrent ones would oversubscribe the cores
         self._local = threading.local()
+        self.session, self.runtime = None, "torch"
+
+    def _use_runtime(self, artifacts: dict) -> None:
+        """Serve through ONNX Runtime (CNNLAB_SERVING_RUNTIME, by default the logged model's choice); a runtime that
+        is missing or fails on a first batch leaves torch serving, with one log line."""
+        choice = serving_runtime(artifacts)
+        if choice == "torch":
+            return
+        pre = self.classifier.preprocess
+        try:
+            from cnnlab.core.export import session
+
+            sess = session(artifacts[choice], serving_threads())
+            sess.run(None, {"x": np.zeros((1, pre.channels, pre.size, pre.size), np.float32)})
+        except Exception as e:  # noqa: BLE001 - any failure: torch still serves the same weights
+            log.warning("ONNX Runtime (%s) unavailable, serving with torch: %s: %s", choice, type(e).__name__,
+                        str(e)[:200])
+            return
+        self.session, self.runtime = sess, choice
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's outputs for preprocessed fp32 inputs: ONNX Runtime's session, else torch in its dtype."""
+        if self.session is not None:
+            return torch.from_numpy(self.session.run(None, {"x": x.contiguous().numpy()})[0])
+        return self.classifier.net(x.to(self.dtype))
 
     @torch.inference_mode()
     def probabilities(self, pixels: np.ndarray, tta: str = "none") -> np.ndarray:
@@ -471,7 +515,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         x = torch.from_numpy(pixels)
         with self._lock:
             # the training preprocessing (fp32), then the net in its serving dtype
-            probs = [clf.probabilities(clf.net(clf.preprocess(v).to(self.dtype))) for v in (views(x) if views else [x])]
+            probs = [clf.probabilities(self._net(clf.preprocess(v))) for v in (views(x) if views else [x])]
             return (sum(probs) / len(probs)).float().numpy()
 
     def heatmaps(self, pixels: np.ndarray, targets: np.ndarray) -> list[str]:

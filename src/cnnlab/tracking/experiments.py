@@ -15,7 +15,7 @@ from typing import Sequence
 
 import mlflow
 
-from cnnlab.core import data, distributed, models, pipeline
+from cnnlab.core import data, distributed, export, models, pipeline
 from cnnlab.tracking import runs
 from cnnlab.core.config import Config, make_config  # noqa: F401 - make_config: the usual companion of run
 from cnnlab.core.training import Callback, Checkpoint, Loop
@@ -163,13 +163,28 @@ def _evaluate_and_log(trained: pipeline.Trained, datasets: dict) -> dict[str, fl
     rest = {k: v for k, v in results.items() if k not in (trained.history[-1] if trained.history else {})}
     if trained.cfg.log_model:
         example = trained.splits["test"].images[:2].numpy()
-        model_id = runs.log_bundle(trained.bundle(), example, step=step)
+        with tempfile.TemporaryDirectory(prefix="cnnlab-onnx-") as tmp:
+            model_id = runs.log_bundle(trained.bundle(), example, step=step, onnx=_export(trained, Path(tmp)))
         for view in trained.probabilities:  # val, test, and their TTA views: on the split's dataset
             headline = {f"{view}_{m}": results[f"{view}_{m}"] for m in MODEL_METRICS if f"{view}_{m}" in results}
             mlflow.log_metrics(headline, step=step, model_id=model_id, dataset=datasets[view.removesuffix("_tta")])
             rest = {k: v for k, v in rest.items() if k not in headline}
     mlflow.log_metrics(rest, step=step)
     return results
+
+
+def _export(trained: pipeline.Trained, out_dir: Path) -> dict[str, str] | None:
+    """The model's ONNX files (fp32, int8 calibrated on train, checked on val) unless export=none or an ensemble."""
+    if trained.cfg.export == "none" or trained.members:
+        return None
+    val = trained.splits.get("val")
+    try:
+        return export.export(trained.model, out_dir, trained.splits["train"].images,
+                             (val.images, val.labels) if val is not None else None)
+    except Exception as e:  # noqa: BLE001 - the trained weights matter more: logged without, torch serves them
+        log.warning("ONNX export failed, the model is logged without it (served by torch): %s: %s",
+                    type(e).__name__, str(e)[:300])
+        return None
 
 
 DATA_FIELDS = ("dataset", "val_fraction", "limit")  # with the split seed and the dataset's options: the same images

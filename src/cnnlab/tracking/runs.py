@@ -210,9 +210,10 @@ def _quiet_model_logging():
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
-def log_bundle(data: dict, example, step: int = 0) -> str:
+def log_bundle(data: dict, example, step: int = 0, onnx: dict[str, str] | None = None) -> str:
     """Log a model bundle (one model or an ensemble) as the cnnlab pyfunc (owns its preprocessing), with a
-    signature and an input example: uint8 (N, H, W) pixels (the model takes base64 images too). Returns its id."""
+    signature and an input example: uint8 (N, H, W) pixels (the model takes base64 images too); `onnx`: the
+    runtime's files (core.export.export) beside the bundle. Returns its id."""
     import torch
 
     with _quiet_model_logging(), tempfile.TemporaryDirectory(prefix="cnnlab-model-") as tmp:
@@ -222,7 +223,7 @@ def log_bundle(data: dict, example, step: int = 0) -> str:
         torch.save(data, path)
         output = serving.CnnlabModel.from_bundle_file(path).predict(None, example)
         info = mlflow.pyfunc.log_model(  # models-from-code: the model is a file cnnlab ships, nothing pickled
-            name="model", python_model=str(serving.MODEL_CODE), artifacts={"bundle": str(path)},
+            name="model", python_model=str(serving.MODEL_CODE), artifacts={"bundle": str(path), **(onnx or {})},
             code_paths=[serving.package_copy(Path(tmp) / "code")], signature=serving.signature(output),
             input_example=example, pip_requirements=serving.pip_requirements(), step=step)
     return info.model_id
