@@ -27,6 +27,8 @@ from cnnlab.core.augment import TTA, tta_views
 from cnnlab.core.calibration import calibrate
 from cnnlab.core.data import DataError
 from cnnlab.core.data.fer2013 import decode_gray
+from cnnlab.serving import metrics
+from cnnlab.serving.batching import Batcher, Batching
 
 COLUMN = "image"
 BATCH = 256  # images per forward pass
@@ -82,7 +84,8 @@ class Budget:
 
 def pip_requirements() -> list[str]:
     reqs = []
-    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam"):
+    for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam",
+                "prometheus-client"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -463,6 +466,8 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
                 m.float()
         self._lock = threading.Lock()  # one forward at a time: concurrent ones would oversubscribe the cores
         self._local = threading.local()
+        # concurrent requests with equal params share forward passes
+        self._batcher = Batcher(lambda x, options: self.probabilities(x, options.tta), settings_from_env(Batching))
 
     @torch.inference_mode()
     def probabilities(self, pixels: np.ndarray, tta: str = "none") -> np.ndarray:
@@ -497,7 +502,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         probs = np.empty((len(images), len(self.classes)), np.float32)
         maps = [None] * len(images) if options.explain else None
         for rows, pixels in images.chunks():
-            probs[rows] = self.probabilities(pixels, options.tta)
+            probs[rows] = self._batcher(pixels, options)
             if maps is not None:
                 for row, heat in zip(rows, self.heatmaps(pixels, probs[rows].argmax(1))):
                     maps[row] = heat
@@ -531,9 +536,14 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         return rows
 
     def predict(self, context, model_input, params=None) -> list[dict]:
+        with self._batcher.caller():
+            return self._predict(model_input, params)
+
+    def _predict(self, model_input, params) -> list[dict]:
         try:
             options = options_of(params)
             images = images_of(model_input, self.budget, self.channels)
+            metrics.IMAGES.observe(len(images))
             if options.detect_faces:
                 return self.faces(images, options)
             return self.records(*self.classify(images, options))
