@@ -3,28 +3,42 @@
 MLflow's server reads and parses a request body before the model sees it, with no limit on its size, nesting or
 arrival time: a body nested 5,000 deep or an integer of 5,000 digits gets HTTP 500, a missing Content-Type too, and a
 gigabyte body is read into memory. The guard answers these with a 4xx before MLflow reads the body, bounds the
-requests in progress (503 with Retry-After beyond), and strips stack traces from error answers; everything else is
-MLflow's app, unchanged (`mlflow models serve` keeps working as is, without these protections).
+requests in progress (503 with Retry-After beyond) until their predictions end, and strips stack traces from error
+answers; everything else is MLflow's app, unchanged (`mlflow models serve` keeps working as is, without these
+protections). The guard also answers /ping (alive), /ready (the model is loaded) and /metrics (Prometheus).
 """
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import sys
 import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlflow.exceptions import MlflowException
+from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cnnlab.serving import metrics
 from cnnlab.serving.model import settings_from_env
 
 MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
+LABELS_ENV = "CNNLAB_SERVE_LABELS"  # JSON: the served model's name, version and alias, for metrics and answers
+VERSION_HEADER = b"x-cnnlab-model-version"
+TICKET = contextvars.ContextVar("cnnlab_ticket")  # the request's Ticket, seen by predict in MLflow's thread
+log = logging.getLogger(__name__)
 MEDIA_TYPES = ("application/json", "text/csv")  # not Parquet: a small compressed body can expand without bound
 STRING = re.compile(rb'"[^"]*"')  # a JSON string once escaped backslashes and quotes are gone
 NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
@@ -41,7 +55,7 @@ class Limits:
     """The guard's limits per worker; each field can be set by the environment variable CNNLAB_SERVING_<FIELD>."""
     max_body_bytes: int = 16 * 2**20  # one 10 MB image as base64 (13.4 MB) fits
     max_depth: int = 32  # JSON nesting; the deepest valid request needs 5
-    max_active: int = 4  # requests read, parsed and predicted at once
+    max_active: int = 16  # requests read, parsed and predicted at once; also the most a batch can hold
     max_queue: int = 64  # requests waiting for one of those slots; beyond, 503 with Retry-After
     timeout: int = 60  # seconds: for a body to arrive (else 408), for a slot (503), for the answer (MLflow's, 504)
 
@@ -94,20 +108,123 @@ class TooLarge(Exception):
     pass
 
 
-class Guard:
-    """ASGI middleware for POST /invocations: a slot, then Content-Type, body size and arrival time, JSON shape."""
+class Ticket:
+    """A request's prediction as the guard sees it: its slot is held until the prediction ends, even after MLflow's
+    own time-out has answered 504 (the thread it runs in cannot be stopped)."""
 
-    def __init__(self, app, limits: Limits):
-        self.app, self.limits = app, limits
+    def __init__(self):
+        self.loop, self.ended = asyncio.get_running_loop(), asyncio.Event()
+        self.lock = threading.Lock()
+        self.state = "waiting"  # then "running" and "ended"; or "abandoned": answered before predict began
+
+    def begin(self) -> None:
+        with self.lock:
+            if self.state == "abandoned":  # its answer is gone and its slot free: do not compute it
+                raise MlflowException("request abandoned before its prediction began (CNNLAB_SERVING_TIMEOUT)")
+            self.state = "running"
+
+    def end(self) -> None:
+        with self.lock:
+            self.state = "ended"
+        self.loop.call_soon_threadsafe(self.ended.set)
+
+    async def settle(self) -> None:
+        """Returns once no prediction of this request runs or can start."""
+        with self.lock:
+            if self.state == "waiting":
+                self.state = "abandoned"
+            running = self.state == "running"
+        if running:
+            await self.ended.wait()
+
+
+def ticketed(predict):
+    """A pyfunc's predict that marks the calling request's Ticket while it runs."""
+    @functools.wraps(predict)
+    def run(*args, **kwargs):
+        ticket = TICKET.get(None)
+        if ticket is None:
+            return predict(*args, **kwargs)
+        ticket.begin()
+        try:
+            return predict(*args, **kwargs)
+        finally:
+            ticket.end()
+    return run
+
+
+class Guard:
+    """ASGI app: /ping, /ready and /metrics itself; for POST /invocations a slot, then Content-Type, body size and
+    arrival time, JSON shape; then MLflow's app, loaded in the background so the worker is alive meanwhile."""
+
+    def __init__(self, load, limits: Limits, labels: dict):
+        self.app, self.problem, self.limits = None, None, limits
+        self.labels, self.version = labels, str(labels.get("version", "")).encode()
         self.slots = asyncio.Semaphore(limits.max_active)
         self.waiting = 0
+        self.executor = None
+        threading.Thread(target=self.load, args=(load,), name="cnnlab-load", daemon=True).start()
+
+    def load(self, load) -> None:
+        try:
+            app = load()
+        except Exception as e:  # alive no more: /ping says so, the log says why
+            log.exception("cannot load the model")
+            self.problem = f"the model failed to load: {type(e).__name__}: {e}"
+            return
+        metrics.MODEL.labels(**self.labels).set(1)
+        self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
+        if scope["type"] == "lifespan":
+            return await lifespan(receive, send)
+        path = scope["path"]
+        if scope["type"] == "http" and path in ("/ping", "/health", "/ready", "/metrics"):
+            return await self.probe(path, send)
+        if self.app is None:
+            return await self.not_ready(send)
+        if scope["type"] != "http" or path != "/invocations" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        await self.invocation(scope, receive, send)
+
+    async def probe(self, path: str, send) -> None:
+        if path == "/metrics":
+            body = metrics.latest()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()),
+                                    (b"content-length", str(len(body)).encode())]})
+            return await send({"type": "http.response.body", "body": body})
+        if self.problem or (path == "/ready" and self.app is None):
+            return await self.not_ready(send)
+        await answer(send, 200, "OK", "ready" if path == "/ready" else "alive")
+
+    async def not_ready(self, send) -> None:
+        await answer(send, 503, "TEMPORARILY_UNAVAILABLE", self.problem or "the model is still loading; retry "
+                     "after 1 s (GET /ready answers 200 once it is loaded)", ((b"retry-after", b"1"),))
+
+    async def invocation(self, scope, receive, send) -> None:
+        """The guarded request, counted: its status code, time and the served version (a header of the answer)."""
+        started, status = time.perf_counter(), ["none"]  # none: the client left before an answer
+
+        async def observed(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = str(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (VERSION_HEADER, self.version)]}
+            await send(message)
+        try:
+            await self.slotted(scope, receive, observed)
+        finally:
+            metrics.REQUESTS.labels(status[0]).inc()
+            metrics.LATENCY.observe(time.perf_counter() - started)
+
+    async def slotted(self, scope, receive, send) -> None:
+        if self.executor is None:  # MLflow predicts in the default pool: as many threads as slots
+            self.executor = ThreadPoolExecutor(self.limits.max_active, thread_name_prefix="cnnlab-predict")
+            asyncio.get_running_loop().set_default_executor(self.executor)
         if self.waiting >= self.limits.max_queue:
             return await self.busy(send)
         self.waiting += 1
+        metrics.WAITING.inc()
         try:
             async with asyncio.timeout(self.limits.timeout):
                 await self.slots.acquire()
@@ -115,10 +232,13 @@ class Guard:
             return await self.busy(send)
         finally:
             self.waiting -= 1
+            metrics.WAITING.dec()
+        metrics.IN_FLIGHT.inc()
         try:
             await self.guarded(scope, receive, send)
         finally:
             self.slots.release()
+            metrics.IN_FLIGHT.dec()
 
     async def busy(self, send) -> None:
         await answer(send, 503, "TEMPORARILY_UNAVAILABLE",
@@ -154,7 +274,22 @@ class Guard:
             problem = await check(json_problem, body, self.limits.max_depth)
         if problem:
             return await answer(send, 400, "BAD_REQUEST", problem)
-        await self.app(scope, replay(body, receive), scrubbed(send))
+        ticket = Ticket()
+        token = TICKET.set(ticket)  # MLflow's thread gets a copy of this context
+        try:
+            await self.app(scope, replay(body, receive), scrubbed(send))
+        finally:
+            TICKET.reset(token)
+            await ticket.settle()
+
+
+async def lifespan(receive, send) -> None:
+    """Startup and shutdown, with nothing to do: the model loads in the background."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
 
 
 async def run_here(fn, *args):
@@ -222,12 +357,44 @@ class NoDelayH11(H11Protocol):
         super().connection_made(transport)
 
 
-def create_app():
-    """Factory for uvicorn (each worker): MLflow's scoring app for the downloaded model, behind the guard."""
+def mlflow_app():
+    """MLflow's scoring app for the downloaded model, its predict marking each request's Ticket."""
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_ENV])
-    return Guard(scoring_server.init(model), settings_from_env(Limits))
+    model.predict = ticketed(model.predict)
+    return scoring_server.init(model)
+
+
+def forget_dead_workers() -> None:
+    """Drop the live gauges of workers that died (kill -9 too), as prometheus-client asks of whoever replaces them."""
+    from prometheus_client import multiprocess
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    for path in Path(folder).glob("gauge_live*_*.db") if folder else ():
+        pid = int(path.stem.rsplit("_", 1)[1])
+        if not Path(f"/proc/{pid}").exists():
+            multiprocess.mark_process_dead(pid)
+
+
+def create_app():
+    """Factory for uvicorn (each worker): MLflow's scoring app for the downloaded model, behind the guard."""
+    forget_dead_workers()
+    return Guard(mlflow_app, settings_from_env(Limits), json.loads(os.environ.get(LABELS_ENV, "{}")))
+
+
+def resolve(model_uri: str) -> tuple[str, dict]:
+    """(the URI of one fixed version, its labels): an alias is resolved once, so the files downloaded and the version
+    reported agree; a URI that is no registered model is labelled by itself."""
+    import mlflow
+
+    found = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if not found:
+        return model_uri, {"name": model_uri, "version": "", "alias": ""}
+    name, alias, version = found.groups()
+    if alias:
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}", {"name": name, "version": str(version), "alias": alias or ""}
 
 
 def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: int = 1, threads: int = 0,
@@ -251,12 +418,15 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(root))
+            fixed, labels = resolve(model_uri)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=fixed, dst_path=str(root / "model"))
         except MlflowException as e:
             raise RuntimeError(f"cannot download model {model_uri}: {e.message}") from None
         if "python_function" not in Model.load(Path(local) / "MLmodel").flavors:
             raise RuntimeError(f"{model_uri} has no python_function flavor: not a model `cnnlab serve` can serve")
-        os.environ[MODEL_ENV] = local
+        os.environ[MODEL_ENV], os.environ[LABELS_ENV] = local, json.dumps(labels)
+        (root / "metrics").mkdir()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "metrics")  # for workers in processes of their own
         if threads:
             os.environ["CNNLAB_SERVING_THREADS"] = str(threads)
         os.environ.setdefault("CNNLAB_SERVING_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
