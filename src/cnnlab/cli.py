@@ -154,7 +154,7 @@ def cmd_stack_user(args) -> int:
 def cmd_register(args) -> int:
     from cnnlab.tracking.registry import register
 
-    result = register(args.experiment or None, args.study or None, args.name or None)
+    result = register(args.experiment or None, args.study or None, args.name or None, args.force)
     print(json.dumps(result, indent=2))
     print(f"cnnlab register: {result['name']} v{result['version']}: {result['reason']}", file=sys.stderr)
     return 0
@@ -308,8 +308,9 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
              "  cnnlab tune tuning/fmnist_cnn.yaml -P limit=2000 --n-trials 6 --no-final"),
     "register": ("register the best run as a model version; champion or challenger",
                  "Make the best FINISHED run (by val_accuracy) of an experiment, or a study's final run, a new "
-                 "version of a\nregistered model; `champion` moves only when it beats the current one on the same "
-                 "data.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
+                 "version of a\nregistered model; `champion` moves only when it is significantly better than the "
+                 "current one (McNemar\non both runs' validation predictions), else it is the `challenger`; --force "
+                 "overrides.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
     "compare": ("is B really better than A? McNemar and a paired bootstrap on the same images",
                 "Pair two runs' per-image predictions and test whether their accuracies differ.\n\n"
                 "  cnnlab compare RUN_ID_A RUN_ID_B --split test"),
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
     p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
+    p.add_argument("--force", action="store_true", help="make it the champion even when not significantly better")
     p = command("tune", cmd_tune)
     p.add_argument("space", help="search space YAML, e.g. tuning/fer_cnn.yaml")
     p.add_argument("--storage", default="", help="Optuna RDB URL (default: the YAML's, else sqlite:///optuna.db); "
