@@ -49,6 +49,7 @@ def requests_mix(files: list[Path]) -> list[tuple]:
         mix.append((pd.DataFrame({"image": images[k: k + size]}), None))
     mix += [(pixels[:k + 1], {"tta": "flip"}) for k in range(4)]
     mix += [(pixels[:2], None), (pixels, {"calibrated": False})]
+    mix += [(pixels[:k, :40, :44], None) for k in (1, 3)]  # another image size, the same params: never one stack
     mix += [(pd.DataFrame({"image": [photo]}), {"detect_faces": True})] * 3
     mix += [(pd.DataFrame({"image": images[:2]}), {"explain": True})]
     return mix

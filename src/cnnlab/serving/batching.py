@@ -29,7 +29,7 @@ class Item:
     """One caller's stack of images, and then its rows of the answer (or the error)."""
 
     def __init__(self, pixels: np.ndarray, key):
-        self.pixels, self.key = pixels, key
+        self.pixels, self.key = pixels, (key, pixels.shape[1:], pixels.dtype)  # only equal keys stack
         self.done = threading.Event()
         self.result, self.error = None, None
 
@@ -107,7 +107,7 @@ class Batcher:
         while True:
             batch = self.take()
             try:
-                out = self.forward(np.concatenate([item.pixels for item in batch]), batch[0].key)
+                out = self.forward(np.concatenate([item.pixels for item in batch]), batch[0].key[0])
                 metrics.BATCH.observe(len(out))
                 at = np.cumsum([0] + [len(item.pixels) for item in batch])
                 for item, lo, hi in zip(batch, at, at[1:]):

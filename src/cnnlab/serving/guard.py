@@ -36,6 +36,7 @@ from cnnlab.serving.model import settings_from_env
 
 MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
 LABELS_ENV = "CNNLAB_SERVE_LABELS"  # JSON: the served model's name, version and alias, for metrics and answers
+WORKERS_ENV = "CNNLAB_SERVE_WORKERS"
 VERSION_HEADER = b"x-cnnlab-model-version"
 TICKET = contextvars.ContextVar("cnnlab_ticket")  # the request's Ticket, seen by predict in MLflow's thread
 log = logging.getLogger(__name__)
@@ -163,6 +164,7 @@ class Guard:
         self.slots = asyncio.Semaphore(limits.max_active)
         self.waiting = 0
         self.executor = None
+        self.workers = int(os.environ.get(WORKERS_ENV, "1"))  # /ready: all of them loaded
         threading.Thread(target=self.load, args=(load,), name="cnnlab-load", daemon=True).start()
 
     def load(self, load) -> None:
@@ -173,6 +175,7 @@ class Guard:
             self.problem = f"the model failed to load: {type(e).__name__}: {e}"
             return
         metrics.MODEL.labels(**self.labels).set(1)
+        metrics.READY.set(1)
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
@@ -196,6 +199,9 @@ class Guard:
             return await send({"type": "http.response.body", "body": body})
         if self.problem or (path == "/ready" and self.app is None):
             return await self.not_ready(send)
+        if path == "/ready" and metrics.total("cnnlab_ready_workers") < self.workers:
+            return await answer(send, 503, "TEMPORARILY_UNAVAILABLE", f"{metrics.total('cnnlab_ready_workers'):.0f} "
+                                f"of {self.workers} workers have loaded the model", ((b"retry-after", b"1"),))
         await answer(send, 200, "OK", "ready" if path == "/ready" else "alive")
 
     async def not_ready(self, send) -> None:
@@ -425,6 +431,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
         if "python_function" not in Model.load(Path(local) / "MLmodel").flavors:
             raise RuntimeError(f"{model_uri} has no python_function flavor: not a model `cnnlab serve` can serve")
         os.environ[MODEL_ENV], os.environ[LABELS_ENV] = local, json.dumps(labels)
+        os.environ[WORKERS_ENV] = str(workers)
         (root / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "metrics")  # for workers in processes of their own
         if threads:

@@ -19,14 +19,24 @@ BATCH_QUEUE = Gauge("cnnlab_batch_queue", "requests' image stacks waiting for th
 WAITING = Gauge("cnnlab_waiting_requests", "requests waiting for a slot", multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("cnnlab_in_flight_requests", "requests holding a slot", multiprocess_mode="livesum")
 # Info metrics do not work in multiprocess mode: a gauge set to 1, labelled with what is served
+READY = Gauge("cnnlab_ready_workers", "workers whose model is loaded", multiprocess_mode="livesum")
 MODEL = Gauge("cnnlab_model", "the served model (1) by name, version and alias", ["name", "version", "alias"],
               multiprocess_mode="livemax")
 
 
-def latest() -> bytes:
-    """The exposition text: every live worker's metrics combined in multiprocess mode, else this process's."""
+def registry() -> CollectorRegistry:
+    """Every live worker's metrics combined in multiprocess mode, else this process's."""
     if values.ValueClass is values.MutexValue:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    return generate_latest(registry)
+        return REGISTRY
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)
+    return combined
+
+
+def latest() -> bytes:
+    return generate_latest(registry())
+
+
+def total(name: str) -> float:
+    """A metric's samples summed (over workers, in multiprocess mode)."""
+    return sum(s.value for family in registry().collect() for s in family.samples if s.name == name)
