@@ -33,6 +33,7 @@ class Sleeper(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         time.sleep(float(os.environ.get("SLEEPER_LOAD_S", "0")))
         self.lock, self.running, self.most = threading.Lock(), 0, 0
+        self.label = (context.model_config or {}).get("label")
 
     def predict(self, context, model_input, params=None):
         with self.lock:
@@ -41,7 +42,8 @@ class Sleeper(mlflow.pyfunc.PythonModel):
         time.sleep(float(model_input["sleep"][0]))
         with self.lock:
             self.running -= 1
-        return [{"most_at_once": self.most}]
+        answer = {"most_at_once": self.most}
+        return [{**answer, "label": self.label} if self.label else answer]
 
 
 mlflow.models.set_model(Sleeper())
@@ -131,4 +133,57 @@ def test_metrics_across_workers(tmp_path, sleeper):
         model = {k: v for k, v in after.items() if k[0] == "cnnlab_model"}
         assert list(model.values()) == [1.0] and dict(next(iter(model))[1])["name"] == str(sleeper)
     finally:
+        server.stop()
+
+
+def registered(tmp_path: Path, label: str, alias: str) -> str:
+    """A sleeper answering `label`, as a new version of the registered model `sleeper` with `alias`."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="m", python_model=str(tmp_path / "sleeper.py"), model_config={"label": label})
+    version = str(mlflow.register_model(info.model_uri, "sleeper").version)
+    mlflow.MlflowClient().set_registered_model_alias("sleeper", alias, version)
+    return version
+
+
+@services
+def test_follow_swaps_versions_without_dropping_a_request_and_shadow_compares(tmp_path):
+    """--follow: moving `champion` changes the version that answers (the header says which) with every request
+    answered meanwhile; --shadow: the challenger sees copies, its agreement and latency are counted, copies dropped
+    when it is busy."""
+    one, two = registered(tmp_path, "a", "champion"), registered(tmp_path, "b", "challenger")
+    server = ModelServer(tmp_path / "server", "models:/sleeper@champion", mlflow.get_tracking_uri(), guarded=True)
+    server.argv = lambda argv=server.argv(): argv + ["--follow", "1", "--shadow", "models:/sleeper@challenger",
+                                                     "--shadow-rate", "1"]
+    server.start(timeout=120)
+    answers, stop = [], threading.Event()
+
+    def client() -> None:
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(server.url + "/invocations", json={"dataframe_records": [{"sleep": 0.05}]}, timeout=60)
+                answers.append((r.status_code, r.headers.get("X-Cnnlab-Model-Version"),
+                                r.json()["predictions"][0]["label"] if r.ok else r.text))
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    try:
+        for c in clients:
+            c.start()
+        wait_for(lambda: len(answers) > 40, "answers from version 1", 60)
+        mlflow.MlflowClient().set_registered_model_alias("sleeper", "champion", two)
+        wait_for(lambda: answers[-1][1] == two, "answers from version 2", 60)
+        wait_for(lambda: sum(a[1] == two for a in answers) > 40, "more answers from version 2", 60)
+        stop.set()
+        for c in clients:
+            c.join()
+        assert {status for status, *_ in answers} == {200}
+        assert {(version, label) for _, version, label in answers} == {(one, "a"), (two, "b")}
+        metrics = scrape(server.url)
+        assert metrics[("cnnlab_model", (("alias", "champion"), ("name", "sleeper"), ("version", two)))] == 1
+        assert metrics[("cnnlab_model", (("alias", "champion"), ("name", "sleeper"), ("version", one)))] == 0
+        outcomes = {dict(k[1])["outcome"]: v for k, v in metrics.items() if k[0] == "cnnlab_shadow_total"}
+        assert outcomes["disagree"] > 0 and outcomes["agree"] > 0 and outcomes["dropped"] > 0, outcomes
+        assert "error" not in outcomes
+        assert metrics[("cnnlab_shadow_seconds_count", ())] == outcomes["agree"] + outcomes["disagree"]
+    finally:
+        stop.set()
         server.stop()

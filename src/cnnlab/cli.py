@@ -174,7 +174,7 @@ def cmd_serve(args) -> int:
     from cnnlab.serving.guard import serve
 
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-          timeout=args.timeout)
+          timeout=args.timeout, follow=args.follow, shadow=args.shadow, shadow_rate=args.shadow_rate)
     return 0
 
 
@@ -445,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per worker (default: cores / workers)")
     p.add_argument("-t", "--timeout", type=_argument("int", least=0), default=0,
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
+    p.add_argument("--follow", type=_argument("int", least=0), default=0, metavar="SECONDS",
+                   help="re-resolve the alias every SECONDS and serve its new version without a restart")
+    p.add_argument("--shadow", default="", metavar="MODEL_URI",
+                   help="also run this model (e.g. models:/fer_cnn@challenger) on a sample of traffic, off the "
+                        "request path: agreement and latency in /metrics")
+    p.add_argument("--shadow-rate", type=float, default=0.05, help="fraction of requests copied (default 0.05)")
     p = command("demo", cmd_demo)
     p.add_argument("--model-url", default="http://127.0.0.1:5000",
                    help="the model server, `mlflow models serve` (default: http://127.0.0.1:5000)")

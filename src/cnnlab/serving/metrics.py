@@ -18,6 +18,9 @@ BATCH = Histogram("cnnlab_batch_images", "images per forward pass of the batcher
 BATCH_QUEUE = Gauge("cnnlab_batch_queue", "requests' image stacks waiting for the batcher", multiprocess_mode="livesum")
 WAITING = Gauge("cnnlab_waiting_requests", "requests waiting for a slot", multiprocess_mode="livesum")
 IN_FLIGHT = Gauge("cnnlab_in_flight_requests", "requests holding a slot", multiprocess_mode="livesum")
+SHADOW = Counter("cnnlab_shadow", "copies for the shadow model: agree, disagree (labels), error, dropped (busy)",
+                 ["outcome"])
+SHADOW_SECONDS = Histogram("cnnlab_shadow_seconds", "the shadow model's time per copy", buckets=TIMES)
 # Info metrics do not work in multiprocess mode: a gauge set to 1, labelled with what is served
 READY = Gauge("cnnlab_ready_workers", "workers whose model is loaded", multiprocess_mode="livesum")
 MODEL = Gauge("cnnlab_model", "the served model (1) by name, version and alias", ["name", "version", "alias"],
