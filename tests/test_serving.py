@@ -630,9 +630,10 @@ def length(answer: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def strict(trained) -> ModelServer:
-    """`cnnlab serve -w 2`, each worker with one request at a time, one waiting, a 3 s time-out, a 1 MB body limit."""
+    """`cnnlab serve -w 2`, each worker with one request at a time, one waiting, a 10 s time-out (room for a loaded
+    machine), a 1 MB body limit."""
     server = start(trained, "strict", guarded=True, workers=2, CNNLAB_SERVING_MAX_ACTIVE="1",
-                   CNNLAB_SERVING_MAX_QUEUE="1", CNNLAB_SERVING_TIMEOUT="3", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
+                   CNNLAB_SERVING_MAX_QUEUE="1", CNNLAB_SERVING_TIMEOUT="10", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
     try:
         yield server
     finally:
@@ -670,13 +671,13 @@ def test_no_delay_on_every_connection():
 
 @services
 def test_guard_overload_is_503_with_retry_after(strict):
-    slow = json.dumps({**split([b64((SAMPLES / "two_faces.jpg").read_bytes())] * 6),
+    slow = json.dumps({**split([b64((SAMPLES / "two_faces.jpg").read_bytes())] * 2),  # well within the 10 s time-out
                        "params": {"detect_faces": True}})
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: requests.post(strict.url + "/invocations", data=slow, timeout=60,
                                                         headers={"Content-Type": JSON}), range(8)))
     codes = sorted(r.status_code for r in answers)
-    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
     for r in answers:
         if r.status_code == 503:
             assert r.headers["Retry-After"] == "1" and "server busy" in r.json()["message"]
@@ -694,7 +695,7 @@ def test_guard_body_limit_and_time_out(strict):
     assert r.status_code == 413 and "body over 1,048,576 bytes" in r.json()["message"]
     start_time = time.monotonic()
     answer = raw_request(strict.url, head % 100, b'{"inputs": ')  # the rest never comes
-    assert answer.startswith(b"HTTP/1.1 408") and 2.5 < time.monotonic() - start_time < 20, answer[:200]
+    assert answer.startswith(b"HTTP/1.1 408") and 9.5 < time.monotonic() - start_time < 40, answer[:200]
     assert strict.running() and requests.get(strict.url + "/ping", timeout=10).status_code == 200
 
 

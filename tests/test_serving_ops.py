@@ -3,6 +3,8 @@ until its prediction ends; with a small pyfunc that sleeps as asked and reports 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -28,7 +30,7 @@ import mlflow
 
 
 class Sleeper(mlflow.pyfunc.PythonModel):
-    """Sleeps `sleep` seconds per request; answers the most predictions that ran at once in this process."""
+    """Sleeps `sleep` seconds per request; answers the most predictions that ran at once in this process, and its pid."""
 
     def load_context(self, context):
         time.sleep(float(os.environ.get("SLEEPER_LOAD_S", "0")))
@@ -42,7 +44,7 @@ class Sleeper(mlflow.pyfunc.PythonModel):
         time.sleep(float(model_input["sleep"][0]))
         with self.lock:
             self.running -= 1
-        answer = {"most_at_once": self.most}
+        answer = {"most_at_once": self.most, "pid": os.getpid()}
         return [{**answer, "label": self.label} if self.label else answer]
 
 
@@ -80,7 +82,7 @@ def test_alive_before_ready(tmp_path, sleeper):
         r = sleep(server, 0)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         wait_for(lambda: get_ok(server.url + "/ready"), "ready", 60)
-        assert sleep(server, 0).json() == {"predictions": [{"most_at_once": 1}]}
+        assert sleep(server, 0).json()["predictions"][0]["most_at_once"] == 1
     finally:
         server.stop()
 
@@ -96,7 +98,7 @@ def test_slot_held_until_the_prediction_ends(tmp_path, sleeper):
         busy = sleep(server, 0)  # the 5 s prediction still runs: no slot within 1 s
         assert busy.status_code == 503 and "server busy" in busy.json()["message"]
         wait_for(lambda: time.monotonic() - started > 5.5, "the first prediction's end", 10)
-        assert sleep(server, 0).json() == {"predictions": [{"most_at_once": 1}]}
+        assert sleep(server, 0).json()["predictions"][0]["most_at_once"] == 1
     finally:
         server.stop()
 
@@ -184,6 +186,51 @@ def test_follow_swaps_versions_without_dropping_a_request_and_shadow_compares(tm
         assert outcomes["disagree"] > 0 and outcomes["agree"] > 0 and outcomes["dropped"] > 0, outcomes
         assert "error" not in outcomes
         assert metrics[("cnnlab_shadow_seconds_count", ())] == outcomes["agree"] + outcomes["disagree"]
+    finally:
+        stop.set()
+        server.stop()
+
+
+@services
+def test_a_killed_worker_is_replaced_within_5_s(tmp_path, sleeper):
+    """kill -9 of a worker under load: its connections close at once, a retry succeeds on a live worker, and a
+    replacement (the warm spare) answers within 5 s."""
+    server = serve(tmp_path, sleeper, workers=2).start(timeout=180)
+    answers, failures, stop = [], [], threading.Event()
+
+    def client() -> None:  # a connection per request: the kernel hands new ones to any listening worker
+        while not stop.is_set():
+            for _ in range(3):  # a retry after a reset connection
+                try:
+                    r = requests.post(server.url + "/invocations", json={"dataframe_records": [{"sleep": 0.05}]},
+                                      timeout=30)
+                    answers.append((time.monotonic(), r.status_code, r.json()["predictions"][0]["pid"]))
+                    break
+                except requests.ConnectionError:
+                    failures.append(time.monotonic())
+            else:
+                answers.append((time.monotonic(), "failed after 3 tries", None))
+    clients = [threading.Thread(target=client) for _ in range(6)]
+    try:
+        for c in clients:
+            c.start()
+        wait_for(lambda: len({pid for *_, pid in answers}) == 2, "answers from both workers", 60)
+        before = {pid for *_, pid in answers}
+        victim = answers[-1][2]
+        killed = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: any(t > killed and pid not in before for t, _, pid in answers), "a replacement's answer", 30)
+        replaced = min(t for t, _, pid in answers if t > killed and pid not in before) - killed
+        time.sleep(1)
+        stop.set()
+        for c in clients:
+            c.join()
+        assert {status for _, status, _ in answers} == {200}
+        assert all(t - killed < 1 for t in failures), [t - killed for t in failures]  # no hang: reset at once
+        assert replaced < 5, f"replaced after {replaced:.1f} s"
+        assert victim not in {pid for t, _, pid in answers if t > killed + 0.5}
+        assert "spare" in server.log.read_text()  # the supervisor says which spare replaced it
+        assert requests.get(server.url + "/ready", timeout=10).status_code == 200
     finally:
         stop.set()
         server.stop()

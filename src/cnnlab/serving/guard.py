@@ -532,6 +532,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     import uvicorn
 
     from cnnlab.serving.model import Budget
+    from cnnlab.serving.workers import Supervisor
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -561,7 +562,11 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
               f"thread(s); per worker {limits}; per request {budget}", file=sys.stderr, flush=True)
         # by name: a worker unpickles its config before it answers the supervisor's health checks, and this module
         # imports torch; loading a model can take longer than uvicorn's 5 s check on a busy machine
-        uvicorn.run("cnnlab.serving.guard:create_app", factory=True, host=host, port=port, workers=workers,
-                    http="cnnlab.serving.guard:NoDelayH11", timeout_worker_healthcheck=120)
+        config = uvicorn.Config("cnnlab.serving.guard:create_app", factory=True, host=host, port=port,
+                                workers=workers, http="cnnlab.serving.guard:NoDelayH11", timeout_worker_healthcheck=120)
+        if workers == 1:
+            uvicorn.Server(config).run()
+        else:  # a warm spare replaces a dead worker at once
+            Supervisor(config, sockets=[config.bind_socket()]).run()
     finally:
         shutil.rmtree(root, ignore_errors=True)
