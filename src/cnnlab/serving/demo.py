@@ -20,8 +20,10 @@ from cnnlab.serving.guard import VERSION_HEADER
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.css": ("demo.css", "text/css; charset=utf-8"),
         "/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
 # everything from this origin: works offline, and a file name or label can never load or run anything else
-HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' blob: mediastream:; "
-                                      "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+# img-src data: for the Grad-CAM PNGs in the model's answer
+HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                      "media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; "
+                                      "form-action 'none'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 ENVELOPE = 1024  # bytes of JSON around the base64 image in the page's request
 TIMEOUT = 120  # seconds for the model server's answer
