@@ -23,6 +23,7 @@ def main(model_uri: str, out: Path = REPO / "docs" / "demo.png") -> None:
     import os
 
     from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
     root = Path(tempfile.mkdtemp(prefix="cnnlab-screenshot-"))
@@ -31,9 +32,10 @@ def main(model_uri: str, out: Path = REPO / "docs" / "demo.png") -> None:
     demo = subprocess.Popen([sys.executable, "-m", "cnnlab", "demo", "--model-url", server.url, "--port", str(port)])
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--window-size=1200,1100", "--hide-scrollbars"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--window-size=1200,1100", "--hide-scrollbars"):
         options.add_argument(flag)
-    browser = webdriver.Chrome(options=options)
+    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         wait_for(lambda: get_ok(f"http://127.0.0.1:{port}/status"), "cnnlab demo", 60)
         browser.get(f"http://127.0.0.1:{port}/")
