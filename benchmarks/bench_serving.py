@@ -261,9 +261,10 @@ def crowd_table(fer: str, trivial: str, tracking_uri: str, root: Path, data: dic
     """Issue 22's table: batching off and on at 8/32/64 clients, fp32 beside the default precision, the trivial
     pyfunc, shadowing 5% to a second copy of the model, the metrics' cost per request."""
     rows = crowd_rows("trivial", trivial, tracking_uri, root, data, args, {}, counts=(8, 64))
+    batched = {"CNNLAB_SERVING_MAX_BATCH": "64"}
     rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {"CNNLAB_SERVING_MAX_BATCH": "1"})
-    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {})
-    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {"CNNLAB_SERVING_PRECISION": "fp32"},
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, batched)
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {**batched, "CNNLAB_SERVING_PRECISION": "fp32"},
                        counts=(8, 64))
     rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {}, ("--shadow", fer), counts=(64,))
     print_table(rows)

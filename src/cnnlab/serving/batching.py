@@ -21,7 +21,8 @@ from cnnlab.serving import metrics
 @dataclass(frozen=True)
 class Batching:
     """Dynamic batching per worker; each field can be set by the environment variable CNNLAB_SERVING_<FIELD>."""
-    max_batch: int = 64  # images per batched forward pass; 1 turns batching off (a larger request runs alone)
+    # images per batched forward pass; 1: off (the default until it pays: benchmarks/results/serving_crowd.md)
+    max_batch: int = 1
     max_wait_ms: int = 2  # how long a batch waits for requests still being decoded
 
 
