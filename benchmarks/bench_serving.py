@@ -3,11 +3,14 @@
     python benchmarks/bench_serving.py --quick                                   # smoke check: few requests per row
     python benchmarks/bench_serving.py                                           # a tiny fer_cnn trained first
     MLFLOW_TRACKING_URI=... python benchmarks/bench_serving.py --model-uri models:/fer_cnn@champion
+    python benchmarks/bench_serving.py --crowd --requests 200                     # issue 22: 8/32/64 clients
 
 Servers: `mlflow models serve` (1 worker) and `cnnlab serve` (1 and 2 workers, torch threads = cores / workers).
 In process also the params' costs (tta flip / tencrop, explain, uncalibrated) beside the plain answer.
 Targets (issue 12): one image p50 over HTTP within 1 ms of the trivial pyfunc and <= 0.5 ms in process; 8 clients x
 1,000 requests with 0 errors and p99 <= 50 ms; batches of 256 >= 2,000 images/s over HTTP; peak RSS growth <= 1 GB.
+--crowd (issue 22): at 64 clients batching >= 1.5x the requests/s of batching off and >= 60% of the trivial pyfunc's,
+0 errors; batching adds <= 0.5 ms p50 at 1 client; metrics <= 5% and shadowing (5%) <= 10% of throughput.
 """
 from __future__ import annotations
 
@@ -107,26 +110,32 @@ def latency(url: str, body: bytes, n: int) -> np.ndarray:
 
 def clients(url: str, body: bytes, n_clients: int, n_requests: int) -> tuple[np.ndarray, int, float]:
     """`n_clients` keep-alive clients at once, `n_requests` each: (latencies ms, errors, seconds)."""
+    times, statuses, seconds = crowd(url, body, n_clients, n_requests)
+    return times, int(np.sum(statuses != 200)), seconds
+
+
+def crowd(url: str, body: bytes, n_clients: int, n_requests: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """`n_clients` keep-alive clients at once, `n_requests` each: (latencies ms, statuses (0: no answer), seconds)."""
     times: list[list[float]] = [[] for _ in range(n_clients)]
-    errors = [0] * n_clients
+    codes: list[list[int]] = [[] for _ in range(n_clients)]
 
     def client(k: int) -> None:
         conn = connect(url)
         for _ in range(n_requests):
             t = time.perf_counter()
             try:
-                ok = post(conn, body) == 200
+                code = post(conn, body)
             except (OSError, http.client.HTTPException):
-                ok, conn = False, connect(url)
+                code, conn = 0, connect(url)
             times[k].append((time.perf_counter() - t) * 1000)
-            errors[k] += not ok
+            codes[k].append(code)
     pool = [threading.Thread(target=client, args=(k,)) for k in range(n_clients)]
     start = time.perf_counter()
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return np.concatenate(times), sum(errors), time.perf_counter() - start
+    return np.concatenate(times), np.concatenate(codes), time.perf_counter() - start
 
 
 def peak_growth_mb(server: ModelServer, body: bytes) -> tuple[float, float, int]:
@@ -214,6 +223,54 @@ def serve_rows(name: str, uri: str, tracking_uri: str, root: Path, workers: int,
     return rows
 
 
+def crowd_rows(name: str, uri: str, tracking_uri: str, root: Path, data: dict[str, bytes], args,
+               env: dict[str, str], flags: tuple = (), counts: tuple = (8, 32, 64)) -> list[tuple]:
+    """`cnnlab serve` (1 worker, the default settings but `env`): 1 client's latency, then `counts` clients sending
+    single images: requests/s, p50, p99, errors and 503s."""
+    what = " ".join(f"{k.removeprefix('CNNLAB_SERVING_')}={v}" for k, v in env.items()) + " ".join(flags)
+    server = ModelServer(root / f"crowd-{name}-{len(os.listdir(root))}", uri, tracking_uri, guarded=True, env=env)
+    server.argv = lambda argv=server.argv(): argv + list(flags)
+    server.start(timeout=300)
+    rows = []
+    try:
+        rows.append(("cnnlab serve", what or "defaults", name, "1 client", latency(server.url, data["one"],
+                                                                                  args.requests), None, ""))
+        for n in counts:
+            times, codes, seconds = crowd(server.url, data["one"], n, max(10, args.crowd_requests // n))
+            errors, busy = int(np.sum(codes != 200)), int(np.sum(codes == 503))
+            rows.append(("cnnlab serve", what or "defaults", name, f"{n} clients, {len(times)} requests", times,
+                         len(times) / seconds, f"{errors} errors ({busy} x 503)"))
+    finally:
+        server.stop()
+    return rows
+
+
+def metrics_cost_us() -> float:
+    """Microseconds of the metrics one request updates (guard and model), in process."""
+    from cnnlab.serving import metrics
+
+    n, start = 20000, time.perf_counter()
+    for _ in range(n):
+        metrics.WAITING.inc(), metrics.WAITING.dec(), metrics.IN_FLIGHT.inc(), metrics.IN_FLIGHT.dec()
+        metrics.IMAGES.observe(1), metrics.BATCH.observe(4), metrics.BATCH_QUEUE.inc(), metrics.BATCH_QUEUE.dec()
+        metrics.REQUESTS.labels("200").inc(), metrics.LATENCY.observe(0.01)
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def crowd_table(fer: str, trivial: str, tracking_uri: str, root: Path, data: dict[str, bytes], args) -> None:
+    """Issue 22's table: batching off and on at 8/32/64 clients, fp32 beside the default precision, the trivial
+    pyfunc, shadowing 5% to a second copy of the model, the metrics' cost per request."""
+    rows = crowd_rows("trivial", trivial, tracking_uri, root, data, args, {}, counts=(8, 64))
+    batched = {"CNNLAB_SERVING_MAX_BATCH": "64"}
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {"CNNLAB_SERVING_MAX_BATCH": "1"})
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, batched)
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {**batched, "CNNLAB_SERVING_PRECISION": "fp32"},
+                       counts=(8, 64))
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {}, ("--shadow", fer), counts=(64,))
+    print_table(rows)
+    print(f"\nmetrics: {metrics_cost_us():.1f} us of metric updates per request, in process")
+
+
 def print_table(rows: list[tuple]) -> None:
     print("| server | workers x threads | model | measure | p50 ms | p99 ms | per s | target / result |")
     print("|---|---|---|---|---|---|---|---|")
@@ -230,6 +287,9 @@ def main() -> None:
     parser.add_argument("--clients-requests", type=int, default=1000, help="requests per client, 8 clients")
     parser.add_argument("--batches", type=int, default=20, help="batches of 256 per client, 2 clients")
     parser.add_argument("--quick", action="store_true", help="a smoke check: 50 requests per row, 4 batches")
+    parser.add_argument("--crowd", action="store_true", help="only issue 22's table: 8/32/64 clients, batching off "
+                                                              "and on, the trivial pyfunc, fp32, shadowing, metrics")
+    parser.add_argument("--crowd-requests", type=int, default=1280, help="requests per crowd row, all clients")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.clients_requests, args.batches = 50, 50, 4
@@ -238,6 +298,11 @@ def main() -> None:
     tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     data = bodies()
     load = [Path("/proc/loadavg").read_text().split()[:3]]
+    if args.crowd:
+        crowd_table(fer, trivial, tracking_uri, root, data, args)
+        print(f"load average {' '.join(load[0])} before, {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+              f"after; clients and server share the cores")
+        return
     rows = []
     for workers, guarded in ((1, False), (1, True), (2, True)):
         if workers == 1:

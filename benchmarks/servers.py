@@ -42,7 +42,8 @@ class ModelServer(Daemon):
         return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": self.tracking_uri, **self.extra_env}
 
     def healthy(self) -> bool:
-        return get_ok(f"{self.url}/ping")
+        """Ready to answer: `cnnlab serve` says so once its workers' model is loaded, MLflow's server at once."""
+        return get_ok(f"{self.url}/ready" if self.guarded else f"{self.url}/ping")
 
     def start(self, timeout: float = 90) -> "ModelServer":
         """As Daemon.start; a model the tracking server refused to hand out fails with one line saying why."""

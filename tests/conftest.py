@@ -165,7 +165,7 @@ def server_process(cmd: list[str], url: str, log: Path, env: dict | None = None,
 
 @pytest.fixture(scope="session")
 def fer_champion(tmp_path_factory, fer_subset) -> str:
-    """A tiny fer_cnn (1 epoch on 100 images), registered as fer_cnn@champion, behind `mlflow models serve`: its URL."""
+    """A tiny fer_cnn (1 epoch on 100 images), registered as fer_cnn@champion, behind `cnnlab serve`: its URL."""
     import mlflow
     import torch
 
@@ -182,9 +182,9 @@ def fer_champion(tmp_path_factory, fer_subset) -> str:
         assert registry.register("fer_cnn")["alias"] == "champion"
     url = f"http://127.0.0.1:{free_port()}"
     # as many torch threads as this process: the same kernels as in process, so the same numbers
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": str(torch.get_num_threads()),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = ["mlflow", "models", "serve", "-m", "models:/fer_cnn@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1]]
-    with server_process(cmd, url + "/ping", root / "server.log", env):
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": threads, "CNNLAB_SERVING_THREADS": threads}
+    cmd = [sys.executable, "-m", "cnnlab", "serve", "models:/fer_cnn@champion", "--host", "127.0.0.1",
+           "-p", url.rsplit(":", 1)[1]]
+    with server_process(cmd, url + "/ready", root / "server.log", env):
         yield url

@@ -162,6 +162,10 @@ def test_two_faces_boxed_with_emotion_and_probabilities(page, fer_champion, demo
     assert_boxes(page, expected["detections"], (640, 360))
     for i, d in enumerate(expected["detections"]):
         assert_card(page, i, d, f"Face {i + 1}")
+    heat = page.find_elements("css selector", ".face-card img.heat")  # Grad-CAM beside each face's probabilities
+    assert len(heat) == 2 and all(h.get_attribute("src").startswith("data:image/png;base64,") for h in heat)
+    wait(page, lambda: all(h.get_property("naturalWidth") > 0 for h in heat))  # decodes: a real PNG
+    assert text(page, "#caption").endswith("Model version 1.")  # the version `cnnlab serve` answered with
     page.save_screenshot(str(tmp_path / "two_faces.png"))
     assert Image.open(tmp_path / "two_faces.png").size[0] >= 1000
     loaded = page.execute_script("return performance.getEntriesByType('resource').map((e) => e.name)")

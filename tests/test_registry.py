@@ -1,4 +1,5 @@
-"""Registry: best FINISHED run -> new version; champion moves only on improvement on the same data digest."""
+"""Registry: best FINISHED run -> new version; champion moves only when significantly better on the same validation
+images (McNemar), or with force."""
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ SPEC = {"name": "mlp", "num_classes": 3, "image_size": 28, "hidden": 8}
 
 
 def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", status: str = "FINISHED",
-               model: bool = True, correct: np.ndarray | None = None, **tags) -> str:
+               model: bool = True, correct: np.ndarray | None = None, shift: int = 0, **tags) -> str:
     """A run as experiments.run leaves it: metrics, tags and a real cnnlab pyfunc model (a tiny untrained MLP);
-    with `correct` (one bool per test image), its test predictions file."""
+    with `correct` (one bool per image), its val and test predictions files (`shift`: other val images)."""
     tracking.init_tracking(experiment)
     with mlflow.start_run() as run:
         if correct is not None:
@@ -29,6 +30,8 @@ def logged_run(val: float, digest: str = "d1", experiment: str = "fmnist_cnn", s
             probs = np.eye(3)[np.where(correct, labels, (labels + 1) % 3)]
             with tempfile.TemporaryDirectory() as tmp:
                 evaluation.write_predictions(Path(tmp) / "test_predictions.csv", probs, labels, ["a", "b", "c"])
+                evaluation.write_predictions(Path(tmp) / "val_predictions.csv", probs, (labels + shift) % 3,
+                                             ["a", "b", "c"])
                 mlflow.log_artifacts(tmp, "evaluation")
         mlflow.set_tags({"experiment": experiment, "dataset_digest": digest, "git_commit": "c0ffee", **tags})
         mlflow.log_metrics({"val_accuracy": val, "test_accuracy": val - 0.01, "test_macro_f1": val - 0.02,
@@ -48,7 +51,9 @@ def aliases(name: str) -> dict[str, str]:
 
 
 def test_champion_moves_only_on_improvement():
-    first = logged_run(0.60)
+    rng = np.random.default_rng(1)
+    base = rng.random(2000) < 0.60
+    first = logged_run(0.60, correct=base)
     result = registry.register("fmnist_cnn")
     assert (result["alias"], result["version"], result["registered"]) == ("champion", 1, True)
     version = MlflowClient().get_model_version("fmnist_cnn", "1")
@@ -57,6 +62,7 @@ def test_champion_moves_only_on_improvement():
     assert float(version.tags["val_accuracy"]) == pytest.approx(0.60) and "test_macro_f1" in version.tags
     assert set(version.tags) == {"val_accuracy", "test_accuracy", "test_macro_f1", "dataset_digest", "source_run",
                                  "git_commit"}  # a few to scan; every metric stays on the logged model
+    assert "significance" not in result  # nothing to compare with
 
     registry.register("fmnist_cnn")  # the same best run again: no new version
     assert len(MlflowClient().search_model_versions("name = 'fmnist_cnn'")) == 1
@@ -65,24 +71,27 @@ def test_champion_moves_only_on_improvement():
     assert registry.register("fmnist_cnn")["registered"] is False
     assert worse not in aliases("fmnist_cnn").values()
 
-    better = logged_run(0.65)
+    better = logged_run(0.65, correct=base | (rng.random(2000) < 0.25))
     result = registry.register("fmnist_cnn")
     assert (result["alias"], result["version"]) == ("champion", 2)
+    assert result["reason"].startswith("challenger is significantly better than the champion on val")
     assert aliases("fmnist_cnn") == {"champion": better}
 
-    other_data = logged_run(0.90, digest="d2")  # better, but on other data: not comparable
+    other_data = logged_run(0.90, digest="d2", correct=np.ones(2000, bool))  # better, but on other data
     result = registry.register("fmnist_cnn")
     assert result["alias"] == "challenger" and "not comparable" in result["reason"]
     assert aliases("fmnist_cnn") == {"champion": better, "challenger": other_data}
 
 
 def test_tie_is_not_an_improvement_and_rerun_says_so():
-    logged_run(0.5)
+    correct = np.random.default_rng(2).random(500) < 0.5
+    logged_run(0.5, correct=correct)
     registry.register("fmnist_cnn")
-    tie = logged_run(0.5)
+    tie = logged_run(0.5, correct=correct)
     MlflowClient().delete_run(registry.best_run("fmnist_cnn")[0].info.run_id)  # leave the tie as the best run
     result = registry.register("fmnist_cnn")
-    assert result["run_id"] == tie and result["alias"] == "challenger" and "does not beat" in result["reason"]
+    assert result["run_id"] == tie and result["alias"] == "challenger"
+    assert "not significantly better" in result["reason"]
     again = registry.register("fmnist_cnn")
     assert again["registered"] is False and "already registered as fmnist_cnn v2" in again["reason"]
 
@@ -126,9 +135,27 @@ def test_register_says_whether_the_challenger_is_significantly_better():
     assert MlflowClient().get_model_version("fmnist_cnn", result["version"]).tags["significance"] == \
         result["significance"]
     flips = rng.random(2000) < 0.01  # 1% of the images change, either way: noise
-    logged_run(0.71, correct=much ^ flips)
+    noise = logged_run(0.71, correct=much ^ flips)  # a higher val_accuracy, but not significantly better
     result = registry.register("fmnist_cnn")
-    assert result["significance"].startswith("challenger is not significantly better")
+    assert result["significance"].startswith("challenger is not significantly better than the champion on val")
+    assert result["alias"] == "challenger" and result["reason"] == result["significance"]
+    assert aliases("fmnist_cnn")["challenger"] == noise
     logged_run(0.72, correct=np.ones(50, bool))
     result = registry.register("fmnist_cnn")
     assert "not compared with champion" in result["significance"] and "50 images" in result["significance"]
+    assert result["alias"] == "challenger"
+    logged_run(0.73, correct=np.ones(2000, bool), shift=1)  # other validation images: not comparable
+    result = registry.register("fmnist_cnn")
+    assert result["alias"] == "challenger" and "true label differs" in result["significance"]
+
+
+def test_force_makes_a_champion_and_says_so(capsys):
+    correct = np.random.default_rng(3).random(500) < 0.5
+    logged_run(0.5, correct=correct)
+    registry.register("fmnist_cnn")
+    forced = logged_run(0.6, correct=correct)
+    assert cli.main(["register", "fmnist_cnn", "--force"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["alias"] == "champion" and out["reason"].startswith("forced (--force) over champion v1; challenger "
+                                                                  "is not significantly better")
+    assert aliases("fmnist_cnn") == {"champion": forced}

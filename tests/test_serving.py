@@ -650,24 +650,28 @@ def test_bad_input_campaign(served):
 
 # --- memory, overload and time-outs ---------------------------------------------------------------------------------
 
+def request_peak_kb(pid: int, request) -> tuple[requests.Response, int]:
+    """A request's answer and its own peak RSS growth: the process's peak (VmHWM) is reset to its current RSS first
+    (writing 5 to /proc/PID/clear_refs), so earlier, larger peaks do not hide it."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    base = status_kb(pid, "VmHWM")
+    answer = request()
+    return answer, status_kb(pid, "VmHWM") - base
+
+
 @services
 def test_memory_stays_bounded(served):
     """An over-budget request is refused before decoding anything; images within the budget are decoded one chunk
     at a time, so four of the largest images cost no more peak memory than one."""
     pid = max(served.server.processes(), key=lambda p: status_kb(p, "VmRSS"))  # the one that runs the model
-    base = status_kb(pid, "VmHWM")
-    r = served.post(split([b64(BLANK)] * 32))  # 32 x 4096 x 4096: 536 M pixels, 750 KB of JSON
+    r, refused = request_peak_kb(pid, lambda: served.post(split([b64(BLANK)] * 32)))  # 536 M pixels, 750 KB of JSON
     assert r.status_code == 400 and "536,870,912 pixels; the limit is 67,108,864" in r.json()["message"], r.text
-    refused = status_kb(pid, "VmHWM") - base
     assert refused < 100_000, f"peak RSS grew {refused / 1000:.0f} MB for a refused request"
-    r = served.post(split([b64(BLANK)]))
+    r, one = request_peak_kb(pid, lambda: served.post(split([b64(BLANK)])))
     assert r.status_code == 200, r.text
-    one = status_kb(pid, "VmHWM")
-    r = served.post(split([b64(BLANK)] * 4))
+    r, four = request_peak_kb(pid, lambda: served.post(split([b64(BLANK)] * 4)))
     assert r.status_code == 200 and len(r.json()["predictions"]) == 4, r.text
-    four = status_kb(pid, "VmHWM")
-    assert four - one < 64_000, f"4 images grew peak RSS {(four - one) / 1000:.0f} MB over 1 image's " \
-                                f"({(one - base) / 1000:.0f} MB)"
+    assert four - one < 64_000, f"4 images grew peak RSS {four / 1000:.0f} MB, 1 image {one / 1000:.0f} MB"
 
 
 def raw_request(url: str, head: bytes, body: bytes = b"", wait: float = 30) -> bytes:
@@ -693,9 +697,10 @@ def length(answer: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def strict(trained) -> ModelServer:
-    """`cnnlab serve -w 2`, each worker with one request at a time, one waiting, a 3 s time-out, a 1 MB body limit."""
+    """`cnnlab serve -w 2`, each worker with one request at a time, one waiting, a 10 s time-out (room for a loaded
+    machine), a 1 MB body limit."""
     server = start(trained, "strict", guarded=True, workers=2, CNNLAB_SERVING_MAX_ACTIVE="1",
-                   CNNLAB_SERVING_MAX_QUEUE="1", CNNLAB_SERVING_TIMEOUT="3", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
+                   CNNLAB_SERVING_MAX_QUEUE="1", CNNLAB_SERVING_TIMEOUT="10", CNNLAB_SERVING_MAX_BODY_BYTES=str(2 ** 20))
     try:
         yield server
     finally:
@@ -733,13 +738,13 @@ def test_no_delay_on_every_connection():
 
 @services
 def test_guard_overload_is_503_with_retry_after(strict):
-    slow = json.dumps({**split([b64((SAMPLES / "two_faces.jpg").read_bytes())] * 6),
+    slow = json.dumps({**split([b64((SAMPLES / "two_faces.jpg").read_bytes())] * 2),  # well within the 10 s time-out
                        "params": {"detect_faces": True}})
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda _: requests.post(strict.url + "/invocations", data=slow, timeout=60,
                                                         headers={"Content-Type": JSON}), range(8)))
     codes = sorted(r.status_code for r in answers)
-    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, codes
+    assert 200 in codes and 503 in codes and set(codes) <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
     for r in answers:
         if r.status_code == 503:
             assert r.headers["Retry-After"] == "1" and "server busy" in r.json()["message"]
@@ -757,7 +762,7 @@ def test_guard_body_limit_and_time_out(strict):
     assert r.status_code == 413 and "body over 1,048,576 bytes" in r.json()["message"]
     start_time = time.monotonic()
     answer = raw_request(strict.url, head % 100, b'{"inputs": ')  # the rest never comes
-    assert answer.startswith(b"HTTP/1.1 408") and 2.5 < time.monotonic() - start_time < 20, answer[:200]
+    assert answer.startswith(b"HTTP/1.1 408") and 9.5 < time.monotonic() - start_time < 40, answer[:200]
     assert strict.running() and requests.get(strict.url + "/ping", timeout=10).status_code == 200
 
 

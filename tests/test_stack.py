@@ -617,6 +617,7 @@ def test_compose_matches_local_stack(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
     serve = (REPO / "docker" / "Dockerfile.serve").read_text()
-    model = ModelServer(tmp_path / "serve", "models:/x@champion", server.url).argv()
-    assert model[1:4] == ["models", "serve", "-m"] and "exec mlflow models serve -m" in serve
-    assert " ".join(model[5:7]) in serve and " ".join(model[-2:]) in serve  # --env-manager local, -w 1
+    model = ModelServer(tmp_path / "serve", "models:/x@champion", server.url, guarded=True).argv()
+    command = json.loads(serve.split("\nCMD ", 1)[1])[-1]  # CMD ["sh", "-c", "exec ..."]
+    assert model[2:4] == ["cnnlab", "serve"] and command.startswith('exec cnnlab serve "$MODEL_URI" ')  # guarded
+    assert all(f" {flag} " in command for flag in model[4:] if flag.startswith("-"))  # --host, -p, -w

@@ -161,7 +161,7 @@ def cmd_stack_user(args) -> int:
 def cmd_register(args) -> int:
     from cnnlab.tracking.registry import register
 
-    result = register(args.experiment or None, args.study or None, args.name or None)
+    result = register(args.experiment or None, args.study or None, args.name or None, args.force)
     print(json.dumps(result, indent=2))
     print(f"cnnlab register: {result['name']} v{result['version']}: {result['reason']}", file=sys.stderr)
     return 0
@@ -187,7 +187,8 @@ def cmd_serve(args) -> int:
     from cnnlab.serving.guard import serve
 
     serve(args.model_uri, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-          timeout=args.timeout, trust_model_code=args.trust_model_code)
+          timeout=args.timeout, trust_model_code=args.trust_model_code, follow=args.follow, shadow=args.shadow,
+          shadow_rate=args.shadow_rate)
     return 0
 
 
@@ -323,8 +324,9 @@ COMMANDS = {  # name: (one line for `cnnlab --help`, what it does and an example
              "  cnnlab tune tuning/fmnist_cnn.yaml -P limit=2000 --n-trials 6 --no-final"),
     "register": ("register the best run as a model version; champion or challenger",
                  "Make the best FINISHED run (by val_accuracy) of an experiment, or a study's final run, a new "
-                 "version of a\nregistered model; `champion` moves only when it beats the current one on the same "
-                 "data.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
+                 "version of a\nregistered model; `champion` moves only when it is significantly better than the "
+                 "current one (McNemar\non both runs' validation predictions), else it is the `challenger`; --force "
+                 "overrides.\n\n  cnnlab register fer_cnn\n  cnnlab register --study fer_cnn_grid"),
     "compare": ("is B really better than A? McNemar and a paired bootstrap on the same images",
                 "Pair two runs' per-image predictions and test whether their accuracies differ.\n\n"
                 "  cnnlab compare RUN_ID_A RUN_ID_B --split test"),
@@ -435,6 +437,7 @@ def _register_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
     p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
+    p.add_argument("--force", action="store_true", help="make it the champion even when not significantly better")
 
 
 def _tune_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
@@ -469,6 +472,12 @@ def _serve_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser
                    help="seconds for a request to arrive and be answered (default: 60, or CNNLAB_SERVING_TIMEOUT)")
     p.add_argument("--trust-model-code", action="store_true",
                    help="load the model without checking that it runs only this cnnlab's code (docs/SECURITY.md)")
+    p.add_argument("--follow", type=_argument("int", least=0), default=0, metavar="SECONDS",
+                   help="re-resolve the alias every SECONDS and serve its new version without a restart")
+    p.add_argument("--shadow", default="", metavar="MODEL_URI",
+                   help="also run this model (e.g. models:/fer_cnn@challenger) on a sample of traffic, off the "
+                        "request path: agreement and latency in /metrics")
+    p.add_argument("--shadow-rate", type=float, default=0.05, help="fraction of requests copied (default 0.05)")
 
 
 def _demo_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

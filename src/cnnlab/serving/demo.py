@@ -15,11 +15,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cnnlab.serving.guard import VERSION_HEADER
+
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.css": ("demo.css", "text/css; charset=utf-8"),
         "/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
 # everything from this origin: works offline, and a file name or label can never load or run anything else
-HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' blob: mediastream:; "
-                                      "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+# img-src data: for the Grad-CAM PNGs in the model's answer
+HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                      "media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; "
+                                      "form-action 'none'; frame-ancestors 'none'",
            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 ENVELOPE = 1024  # bytes of JSON around the base64 image in the page's request
 TIMEOUT = 120  # seconds for the model server's answer
@@ -41,14 +45,15 @@ def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error_code": code, "message": message}, status_code=status)
 
 
-def forward(model_url: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-    """POST the body to the model server's /invocations: (HTTP status, answer); ConnectionError when unreachable."""
+def forward(model_url: str, body: bytes, content_type: str) -> tuple[int, bytes, str]:
+    """POST the body to the model server's /invocations: (HTTP status, answer, the served version `cnnlab serve` names
+    in a header, else ""); ConnectionError when unreachable."""
     request = urllib.request.Request(model_url + "/invocations", data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-            return response.status, response.read()
+            return response.status, response.read(), response.headers.get(VERSION_HEADER.decode(), "")
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, e.read(), e.headers.get(VERSION_HEADER.decode(), "")
     except TimeoutError:
         raise
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
@@ -57,7 +62,7 @@ def forward(model_url: str, body: bytes, content_type: str) -> tuple[int, bytes]
                               f"{serve_hint(model_url)}") from None
 
 
-def model_answer(model_url: str, status: int, answer: bytes) -> Response:
+def model_answer(model_url: str, status: int, answer: bytes, version: str = "") -> Response:
     """The model server's answer as it is when it is JSON; otherwise a JSON error that quotes it."""
     try:
         json.loads(answer)
@@ -65,7 +70,8 @@ def model_answer(model_url: str, status: int, answer: bytes) -> Response:
         text = answer.decode("utf-8", "replace").strip()[:300]
         return error(502, "BAD_MODEL_SERVER_ANSWER", f"the server at {model_url} answered HTTP {status} with no JSON "
                                                      f"({text!r}); is it a model server? {serve_hint(model_url)}")
-    return Response(answer, status_code=status, media_type="application/json")
+    return Response(answer, status_code=status, media_type="application/json",
+                    headers={VERSION_HEADER.decode(): version} if version else None)
 
 
 async def read_body(request, limit: int) -> bytes | None:
@@ -114,13 +120,13 @@ def create_app(model_url: str, max_body: int) -> Starlette:
             return error(413, "REQUEST_TOO_LARGE", f"request body over {max_body} bytes; this demo forwards up to "
                                                    f"{max_body / 2**20:g} MB (`cnnlab demo --max-body-mb`)")
         try:
-            status_code, answer = await run_in_threadpool(
+            status_code, answer, version = await run_in_threadpool(
                 forward, model_url, body, request.headers.get("content-type", "application/json"))
         except ConnectionError as e:
             return error(502, "MODEL_SERVER_UNAVAILABLE", str(e))
         except TimeoutError:
             return error(504, "MODEL_SERVER_TIMEOUT", f"the model server at {model_url} did not answer in {TIMEOUT} s")
-        return model_answer(model_url, status_code, answer)
+        return model_answer(model_url, status_code, answer, version)
 
     routes = [Route(path, asset) for path in page]
     routes += [Route("/status", status), Route("/invocations", invocations, methods=["POST"])]

@@ -28,6 +28,8 @@ from cnnlab.core.augment import TTA, tta_views
 from cnnlab.core.calibration import calibrate
 from cnnlab.core.data import DataError
 from cnnlab.core.data.fer2013 import decode_gray
+from cnnlab.serving import metrics
+from cnnlab.serving.batching import Batcher, Batching
 
 COLUMN = "image"
 BATCH = 256  # images per forward pass
@@ -84,7 +86,7 @@ class Budget:
 def pip_requirements() -> list[str]:
     reqs = []
     for pkg in ("torch", "torchvision", "mlflow", "numpy", "pandas", "opencv-python-headless", "grad-cam",
-                "onnxruntime"):
+                "onnxruntime", "prometheus-client"):
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -483,6 +485,8 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         self._lock = threading.Lock()  # one forward at a time: concurrent ones would oversubscribe the cores
         self._local = threading.local()
         self.session, self.runtime = None, "torch"
+        # concurrent requests with equal params share forward passes
+        self._batcher = Batcher(lambda x, options: self.probabilities(x, options.tta), settings_from_env(Batching))
 
     def _use_runtime(self, artifacts: dict) -> None:
         """Serve through ONNX Runtime (CNNLAB_SERVING_RUNTIME, by default the logged model's choice); a runtime that
@@ -541,7 +545,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         probs = np.empty((len(images), len(self.classes)), np.float32)
         maps = [None] * len(images) if options.explain else None
         for rows, pixels in images.chunks():
-            probs[rows] = self.probabilities(pixels, options.tta)
+            probs[rows] = self._batcher(pixels, options)
             if maps is not None:
                 for row, heat in zip(rows, self.heatmaps(pixels, probs[rows].argmax(1))):
                     maps[row] = heat
@@ -575,9 +579,14 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         return rows
 
     def predict(self, context, model_input, params=None) -> list[dict]:
+        with self._batcher.caller():
+            return self._predict(model_input, params)
+
+    def _predict(self, model_input, params) -> list[dict]:
         try:
             options = options_of(params)
             images = images_of(model_input, self.budget, self.channels)
+            metrics.IMAGES.observe(len(images))
             if options.detect_faces:
                 return self.faces(images, options)
             return self.records(*self.classify(images, options))

@@ -71,9 +71,10 @@ def compare(run_a: str, run_b: str, split: str = "test", n_resamples: int = stat
             "summary": stats.describe(result, alpha)}
 
 
-def challenger_verdict(champion_run: str, challenger_run: str, alpha: float = stats.ALPHA) -> tuple[bool, str]:
-    """For `register`: is the challenger significantly more accurate on test than the champion, and why."""
-    result = compare(champion_run, challenger_run, alpha=alpha)
+def challenger_verdict(champion_run: str, challenger_run: str, split: str = "val",
+                       alpha: float = stats.ALPHA) -> tuple[bool, str]:
+    """For `register`: is the challenger significantly more accurate on `split` than the champion, and why."""
+    result = compare(champion_run, challenger_run, split, alpha=alpha)
     better = result["b_significantly_better"]
-    return better, (f"challenger {'is' if better else 'is not'} significantly better than the champion: "
+    return better, (f"challenger {'is' if better else 'is not'} significantly better than the champion on {split}: "
                     f"{result['summary']}")

@@ -1,4 +1,5 @@
-"""Best run -> a new version of the experiment's registered model; `champion` moves only on improvement."""
+"""Best run -> a new version of the experiment's registered model; `champion` moves only on a significant
+improvement (McNemar's test on both runs' validation predictions), else the new version is the `challenger`."""
 from __future__ import annotations
 
 import mlflow
@@ -49,21 +50,26 @@ def champion(client: MlflowClient, name: str):
         return None
 
 
-def choose_alias(tags: dict[str, str], current) -> tuple[str, str]:
-    """`champion` only when it beats the current champion on the same dataset digest; else `challenger`."""
+def choose_alias(tags: dict[str, str], current, run_id: str, force: bool = False) -> tuple[str, str, str | None]:
+    """(alias, why, McNemar's verdict): `champion` only when significantly more accurate than the current champion on
+    the same validation images (selecting on test is what the project avoids), or with `force`; else `challenger`."""
     if current is None:
-        return CHAMPION, "no champion yet"
-    ours, theirs = float(tags[METRIC]), float(current.tags.get(METRIC, "nan"))
+        return CHAMPION, "no champion yet", None
+    better, significance = verdict(current, run_id)
+    why = significance
     if current.tags.get("dataset_digest") != tags.get("dataset_digest"):
-        return CHALLENGER, (f"champion v{current.version} was trained on dataset {current.tags.get('dataset_digest')}, "
-                            f"this run on {tags.get('dataset_digest')}: not comparable")
-    if ours > theirs:
-        return CHAMPION, f"{METRIC} {ours:.4f} beats champion v{current.version} ({theirs:.4f})"
-    return CHALLENGER, f"{METRIC} {ours:.4f} does not beat champion v{current.version} ({theirs:.4f})"
+        better, why = False, (f"champion v{current.version} was trained on dataset "
+                              f"{current.tags.get('dataset_digest')}, this run on {tags.get('dataset_digest')}: "
+                              f"not comparable")
+    if force:
+        return CHAMPION, f"forced (--force) over champion v{current.version}; {why}", significance
+    return (CHAMPION if better else CHALLENGER), why, significance
 
 
-def register(experiment: str | None = None, study: str | None = None, name: str | None = None) -> dict:
-    """Register the best run as a new version of `name` (default: the run's experiment tag) and set its alias."""
+def register(experiment: str | None = None, study: str | None = None, name: str | None = None,
+             force: bool = False) -> dict:
+    """Register the best run as a new version of `name` (default: the run's experiment tag) and set its alias;
+    `force` makes it the champion whatever the comparison says."""
     runs.init_tracking()
     run, logged = best_run(experiment, study)
     name = name or run.data.tags.get("experiment") or experiment
@@ -77,18 +83,18 @@ def register(experiment: str | None = None, study: str | None = None, name: str 
                 "reason": f"run {run.info.run_id} is already registered as {name} v{v.version} (aliases: {aliases})"}
     tags = version_tags(run, logged)
     current = champion(client, name)
-    alias, reason = choose_alias(tags, current)
-    if current is not None:
-        summary["significance"] = tags["significance"] = significance(current, run.info.run_id)
+    alias, reason, significance = choose_alias(tags, current, run.info.run_id, force)
+    if significance is not None:
+        summary["significance"] = tags["significance"] = significance
     version = mlflow.register_model(f"models:/{logged.model_id}", name, tags=tags)
     client.set_registered_model_alias(name, alias, version.version)
     return {**summary, "version": version.version, "alias": alias, "registered": True, "reason": reason,
             "uri": f"models:/{name}@{alias}"}
 
 
-def significance(current, run_id: str) -> str:
-    """McNemar's test of this run against the champion on the same test images: is the gap more than noise?"""
+def verdict(current, run_id: str) -> tuple[bool, str]:
+    """McNemar's test of this run against the champion on the same validation images: better beyond noise, and why."""
     try:
-        return compare.challenger_verdict(current.run_id, run_id)[1]
-    except (ValueError, MlflowException) as e:  # no predictions logged (older runs), or other test images
-        return f"not compared with champion v{current.version}: {e}"
+        return compare.challenger_verdict(current.run_id, run_id, "val")
+    except (ValueError, MlflowException) as e:  # no predictions logged (older runs, no val split), other val images
+        return False, f"not compared with champion v{current.version}: {e}"

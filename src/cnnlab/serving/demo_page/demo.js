@@ -87,7 +87,8 @@ function serverMessage(answer, status) {
 
 async function invoke(blob, detectFaces) {
   const image = await base64(blob);
-  const body = {dataframe_split: {columns: ["image"], data: [[image]]}, params: {detect_faces: detectFaces}};
+  const body = {dataframe_split: {columns: ["image"], data: [[image]]},
+                params: {detect_faces: detectFaces, explain: true}};
   let response;
   try {
     response = await fetch("invocations", {
@@ -99,7 +100,7 @@ async function invoke(blob, detectFaces) {
   let answer = null;
   try { answer = JSON.parse(text); } catch { answer = {message: `HTTP ${response.status}: ${text.slice(0, 300)}`}; }
   if (!response.ok) throw new Error(serverMessage(answer, response.status));
-  return answer.predictions[0];
+  return {row: answer.predictions[0], version: response.headers.get("X-Cnnlab-Model-Version")};
 }
 
 async function analyze(blob, name, detectFaces = true) {
@@ -111,9 +112,9 @@ async function analyze(blob, name, detectFaces = true) {
   busy(true, `Asking the model about ${name}\u2026`);
   try {
     const sent = detectFaces ? await upright(blob) : blob;
-    const row = await invoke(sent, detectFaces);
+    const {row, version} = await invoke(sent, detectFaces);
     current = {blob: sent, name};
-    await render(row, sent, name, detectFaces);
+    await render(row, sent, name, detectFaces, version);
   } catch (e) {
     showError(`${name}: ${e.message}`);
   } finally {
@@ -121,7 +122,7 @@ async function analyze(blob, name, detectFaces = true) {
   }
 }
 
-async function render(row, blob, name, detectFaces) {
+async function render(row, blob, name, detectFaces, version) {
   const photo = $("photo");
   URL.revokeObjectURL(photo.src);
   photo.src = URL.createObjectURL(blob);
@@ -132,8 +133,9 @@ async function render(row, blob, name, detectFaces) {
   const faces = detectFaces ? row.detections : [row];
   $("result-title").textContent = detectFaces ? `${name}: ${row.message}` : `${name}: the whole image`;
   photo.alt = `${name}, ${detectFaces ? row.message : "classified as a whole"}`;
-  $("caption").textContent = detectFaces ? "Boxes: the faces OpenCV's detector found, labeled by the model."
-    : "The whole image, resized to the model's input, classified as one face.";
+  $("caption").textContent = (detectFaces ? "Boxes: the faces OpenCV's detector found, labeled by the model."
+    : "The whole image, resized to the model's input, classified as one face.") +
+    (version ? ` Model version ${version}.` : "");
   $("no-face-text").textContent = `No face found in ${name}.`;
   show("no-face", detectFaces && faces.length === 0);
   faces.forEach((face, i) => {
@@ -172,7 +174,14 @@ function card(face, title, color, photo) {
   if (photo.naturalWidth) crop.getContext("2d").drawImage(photo, x, y, w, h, 0, 0, 112, 112);
   const heading = document.createElement("h3");
   heading.textContent = `${title}: ${face.label} (${percent(face[`prob_${face.label}`])})`;
-  head.append(crop, heading);
+  head.append(crop);
+  if (face.heatmap) {  // Grad-CAM of the predicted class: brighter where the network looked
+    const heat = Object.assign(document.createElement("img"), {className: "heat", src: face.heatmap,
+                                                               width: 112, height: 112});
+    heat.alt = `${title}: where the model looked for ${face.label} (Grad-CAM)`;
+    head.append(heat);
+  }
+  head.append(heading);
   const list = Object.assign(document.createElement("ul"), {className: "probs"});
   list.setAttribute("aria-label", `${title}: probability of each emotion`);
   for (const [label, p] of probabilities(face)) {
