@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
 import client  # serving/client.py, the CLI under test
 from payload import Payload  # tests/payload.py
+from support import served_model
 
 JSON = "application/json"
 services = pytest.mark.services  # a real `mlflow models serve` or `cnnlab serve`
@@ -213,7 +214,7 @@ def test_explain_unavailable_is_a_client_error():
     from cnnlab.core.preprocess import Classifier, Preprocess
 
     clf = Classifier(Preprocess(0.5, 0.25, 28), create("mlp", num_classes=3)).eval()
-    model = CnnlabModel.from_classifier(clf, ["a", "b", "c"])
+    model = served_model(clf, ["a", "b", "c"])
     pixels = np.zeros((2, 28, 28), np.uint8)
     assert len(model.predict(None, pixels)) == 2
     with pytest.raises(InputError, match="params.explain: .*no convolutional feature map"):
@@ -342,9 +343,10 @@ def test_bundle_loads_without_running_code(trained, tmp_path):
     assert not marker.exists()
 
 
-def test_registered_model_holds_no_pickle_and_predicts_as_the_pickled_one(trained, tmp_path):
+def test_registered_model_holds_no_pickle_and_predicts_as_the_pickled_one(trained, tmp_path, monkeypatch):
     """Models-from-code: no python_model.pkl, a model.pt that loads as weights only, the same answers as the same
     bundle logged the old way (a pickled CnnlabModel), which cnnlab now refuses to load, saying how to log it again."""
+    monkeypatch.setenv("CNNLAB_SERVING_RUNTIME", "torch")  # the old way logged no ONNX files: compare torch with torch
     folder = trained.bundle.parents[1]
     assert not list(folder.rglob("*.pkl")) and (folder / "model_code.py").read_bytes() == MODEL_CODE.read_bytes()
     verify_model(folder)
@@ -455,7 +457,7 @@ def test_color_model_decodes_rgb(tmp_path):
     torch.manual_seed(0)
     clf = Classifier(Preprocess(0.5, 0.25, 48, channels=3), create("fer_cnn", num_classes=7, in_chans=3)).eval()
     classes = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
-    model = CnnlabModel.from_classifier(clf, classes, image_channels=3)
+    model = served_model(clf, classes, image_channels=3)
     bgr = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     rgb = bgr[..., ::-1].transpose(2, 0, 1)  # what the model must see: RGB, channel first
     gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)

@@ -112,8 +112,9 @@ def tta_views(name: str) -> Callable | None:
     return tencrop
 
 
-def view_probabilities(model, views: list[torch.Tensor]) -> torch.Tensor:
-    """A Classifier's class probabilities averaged over views of the same images."""
-    return sum(model.probabilities(model(v)) for v in views) / len(views)
+def view_probabilities(probabilities: Callable[[torch.Tensor], torch.Tensor],
+                       views: list[torch.Tensor]) -> torch.Tensor:
+    """Class probabilities averaged over views of the same images; `probabilities` maps a batch to (N, C)."""
+    return sum(probabilities(v) for v in views) / len(views)
 
 

@@ -49,8 +49,8 @@ def prefers_channels_last(device: torch.device, precision: str) -> bool:
 
 
 def threads_per_worker(workers: int) -> int:
-    """This process's threads shared among `workers` processes: oversubscribed cores collapse bf16 throughput."""
-    return max(1, torch.get_num_threads() // max(1, workers))
+    """The cores this process may use shared among `workers` processes: oversubscribed cores collapse throughput."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))
 
 
 def gpu_ids() -> list[str]:

@@ -117,7 +117,7 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024
     for i in range(0, len(images), batch_size):
         x = images[i: i + batch_size].to(device, non_blocking=True)
         with autocast(device, precision):
-            probs = view_probabilities(model, transform(x) if transform else [x])
+            probs = view_probabilities(lambda v: model.probabilities(model(v)), transform(x) if transform else [x])
         out.append(probs.float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
 

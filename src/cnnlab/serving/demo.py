@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cnnlab.serving.guard import VERSION_HEADER
+from cnnlab.serving.guard import VERSION_HEADER, TooLarge, error_body, read_body
 
 PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/demo.css": ("demo.css", "text/css; charset=utf-8"),
         "/demo.js": ("demo.js", "text/javascript; charset=utf-8")}
@@ -41,8 +41,8 @@ def max_file_bytes(max_body: int) -> int:
     return (max_body - ENVELOPE) * 3 // 4
 
 
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+def error(status: int, code: str, message: str) -> Response:
+    return Response(error_body(code, message), status_code=status, media_type="application/json")
 
 
 def forward(model_url: str, body: bytes, content_type: str) -> tuple[int, bytes, str]:
@@ -74,18 +74,15 @@ def model_answer(model_url: str, status: int, answer: bytes, version: str = "") 
                     headers={VERSION_HEADER.decode(): version} if version else None)
 
 
-async def read_body(request, limit: int) -> bytes | None:
+async def body_within(request, limit: int) -> bytes | None:
     """The request body, or None as soon as it is over limit bytes (declared or streamed)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_body(request.receive, limit) or b""
+    except TooLarge:
+        return None
 
 
 def ping(model_url: str) -> tuple[bool, str]:
@@ -115,7 +112,7 @@ def create_app(model_url: str, max_body: int) -> Starlette:
                              "max_file_bytes": max_file_bytes(max_body)}, headers={"Cache-Control": "no-store"})
 
     async def invocations(request):
-        body = await read_body(request, max_body)
+        body = await body_within(request, max_body)
         if body is None:
             return error(413, "REQUEST_TOO_LARGE", f"request body over {max_body} bytes; this demo forwards up to "
                                                    f"{max_body / 2**20:g} MB (`cnnlab demo --max-body-mb`)")

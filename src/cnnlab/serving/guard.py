@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from prometheus_client import CONTENT_TYPE_LATEST
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from cnnlab.core.devices import threads_per_worker
 from cnnlab.serving import metrics
 from cnnlab.serving.model import settings_from_env
 from cnnlab.serving.verify import verify_model
@@ -104,8 +105,13 @@ def scrub(body: bytes) -> bytes:
     return json.dumps(doc).encode()
 
 
+def error_body(code: str, message: str) -> bytes:
+    """An error answer's JSON, in the shape of MLflow's own."""
+    return json.dumps({"error_code": code, "message": message}).encode()
+
+
 async def answer(send, status: int, code: str, message: str, headers: tuple = ()) -> None:
-    body = json.dumps({"error_code": code, "message": message}).encode()
+    body = error_body(code, message)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -407,6 +413,7 @@ async def run_here(fn, *args):
 
 
 async def read_body(receive, limit: int) -> bytes | None:
+    """The body from ASGI `receive`; None when the client left, TooLarge as soon as it passes `limit` bytes."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -563,7 +570,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(root / "metrics")  # for workers in processes of their own
         if threads:
             os.environ["CNNLAB_SERVING_THREADS"] = str(threads)
-        os.environ.setdefault("CNNLAB_SERVING_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+        os.environ.setdefault("CNNLAB_SERVING_THREADS", str(threads_per_worker(workers)))
         os.environ["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(limits.timeout)
         print(f"cnnlab serve: {model_uri} (version {labels['version'] or '-'}), {workers} worker(s) x {os.environ['CNNLAB_SERVING_THREADS']} torch "
               f"thread(s); per worker {limits}; per request {budget}", file=sys.stderr, flush=True)

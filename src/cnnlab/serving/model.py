@@ -24,7 +24,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from cnnlab.core.augment import TTA, tta_views
+from cnnlab.core.augment import TTA, tta_views, view_probabilities
+from cnnlab.core.devices import resolve_precision
 from cnnlab.core.calibration import calibrate
 from cnnlab.core.data import DataError
 from cnnlab.core.data.fer2013 import decode_gray
@@ -380,15 +381,11 @@ def heatmap_png(heat: np.ndarray) -> str:
 
 
 def serving_precision() -> str:
-    """CNNLAB_SERVING_PRECISION (fp32 or bf16); by default bf16 on CPUs with AMX (2x faster there), else fp32."""
+    """CNNLAB_SERVING_PRECISION (fp32 or bf16); by default what training's `precision=auto` picks on this CPU."""
     choice = os.environ.get("CNNLAB_SERVING_PRECISION", "auto")
     if choice not in ("auto", "fp32", "bf16"):
         raise ValueError(f"CNNLAB_SERVING_PRECISION must be auto, fp32 or bf16, got {choice!r}")
-    if choice == "auto":
-        from cnnlab.core.devices import cpu_has_bf16
-
-        return "bf16" if cpu_has_bf16() else "fp32"
-    return choice
+    return resolve_precision(choice, torch.device("cpu"))
 
 
 def serving_threads() -> int | None:
@@ -454,12 +451,6 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         model._load(path)
         return model
 
-    @classmethod
-    def from_classifier(cls, classifier, classes: list[str], image_channels: int = 1) -> "CnnlabModel":
-        model = cls()
-        model._setup(classifier, classes, image_channels)
-        return model
-
     def _load(self, path) -> None:
         from cnnlab.core.models import from_bundle
 
@@ -519,8 +510,9 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         x = torch.from_numpy(pixels)
         with self._lock:
             # the training preprocessing (fp32), then the net in its serving dtype
-            probs = [clf.probabilities(self._net(clf.preprocess(v))) for v in (views(x) if views else [x])]
-            return (sum(probs) / len(probs)).float().numpy()
+            probs = view_probabilities(lambda v: clf.probabilities(self._net(clf.preprocess(v))),
+                                       views(x) if views else [x])
+            return probs.float().numpy()
 
     def heatmaps(self, pixels: np.ndarray, targets: np.ndarray) -> list[str]:
         """Grad-CAM of each image's `targets` class, from an fp32 copy of the model (Grad-CAM needs fp32 and grads)."""
