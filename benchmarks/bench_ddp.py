@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from cnnlab.core.logs import table  # noqa: E402
 
 HEADER = ("processes", "threads each", "device", "images/s", "vs 1 process", "efficiency")
 

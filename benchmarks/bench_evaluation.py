@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from cnnlab.core.logs import table  # noqa: E402
 
 from cnnlab.core import calibration, evaluation, models, stats  # noqa: E402
 from cnnlab.core.explain import explain  # noqa: E402

@@ -22,7 +22,7 @@ import mlflow
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from cnnlab.core.logs import table  # noqa: E402
 
 from cnnlab.core import pipeline  # noqa: E402
 from cnnlab.core.config import make_config, parse_params  # noqa: E402

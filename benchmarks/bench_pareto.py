@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serving import connect, post  # noqa: E402 - benchmarks/
-from common import table  # noqa: E402
+from cnnlab.core.logs import table  # noqa: E402
 from servers import ModelServer  # noqa: E402
 
 from cnnlab.core import export, models, pipeline, stats  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from cnnlab.core.logs import duration, table  # noqa: E402
 
 from cnnlab import cli  # noqa: E402
 from cnnlab.core import data, pipeline
@@ -34,10 +34,6 @@ PLAN_HEADER = ("row", "protocol", "model", "px", "batch", "train images", "epoch
                "whole row", "where")
 PARALLEL_EFFICIENCY = 0.85  # assumed, not measured (the machine was shared): 2 threads ~1.7x one
 EVAL_SHARE = 1.15  # an epoch's evaluation passes (validation, then test once) add ~15% to its training pass
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def images_per_core_s(cfg, steps: int) -> float:
@@ -94,10 +90,10 @@ def plan(args) -> int:
             where += " (ImageNet weights not available here)"
         px = cfg.image_size or data.get(cfg.dataset).size
         lines.append((row.name, entry.protocol, cfg.model, px, cfg.batch_size, f"{n:,}",
-                      cfg.total_epochs(), f"{per_core:.0f}", _hours(epoch), _hours(whole), where))
+                      cfg.total_epochs(), f"{per_core:.0f}", duration(epoch), duration(whole), where))
     print(table(lines, PLAN_HEADER))
-    print(f"\nall rows one after another here: {_hours(sum(entries.values()))}; the CPU takes the cheapest entries "
-          f"within {args.cpu_hours:g} h: {_hours(spent)}")
+    print(f"\nall rows one after another here: {duration(sum(entries.values()))}; the CPU takes the cheapest entries "
+          f"within {args.cpu_hours:g} h: {duration(spent)}")
     for where, names in (("CPU", [n for n in entries if n in cpu]), ("GPU", [n for n in entries if n not in cpu])):
         print(f"{where} rows: cnnlab reproduce --only {','.join(names)}" if names else f"{where} rows: none")
     return 0

@@ -31,6 +31,8 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
+from cnnlab.core.logs import table
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from servers import ModelServer, status_kb  # noqa: E402 - benchmarks/servers.py
@@ -272,12 +274,13 @@ def crowd_table(fer: str, trivial: str, tracking_uri: str, root: Path, data: dic
 
 
 def print_table(rows: list[tuple]) -> None:
-    print("| server | workers x threads | model | measure | p50 ms | p99 ms | per s | target / result |")
-    print("|---|---|---|---|---|---|---|---|")
+    cells = []
     for server, config, model, what, ms, rate, target in rows:
         p50, p99 = (f"{np.percentile(ms, 50):.2f}", f"{np.percentile(ms, 99):.2f}") if ms is not None else ("", "")
         rate = f"{rate:,.0f}" if rate is not None else (f"{1000 / np.mean(ms):,.0f}" if ms is not None else "")
-        print(f"| {server} | {config} | {model} | {what} | {p50} | {p99} | {rate} | {target} |")
+        cells.append((server, config, model, what, p50, p99, rate, target))
+    print(table(cells, ("server", "workers x threads", "model", "measure", "p50 ms", "p99 ms", "per s",
+                        "target / result")))
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import table  # noqa: E402
+from cnnlab.core.logs import table  # noqa: E402
 
 from cnnlab.tracking import transfer  # noqa: E402
 from cnnlab.core.config import Config, make_config, parse_params  # noqa: E402

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from cnnlab.tracking import compare, tuning
 from cnnlab.core.config import parse_params
+from cnnlab.core.logs import table
 from cnnlab.tracking.reproduce import load_claims
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +47,13 @@ def _params(best: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.items())
 
 
-def table(rows: dict[str, dict], grid_images: int) -> str:
-    header = ("| study | trials (complete / pruned / failed) | training images, search | of the grid's | "
-              "+ final retrain | best val acc | retrained best: val / test acc | best params | wall s |")
-    lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
-    for name, s in rows.items():
-        final = s["final"]
-        lines.append(f"| {name} | {s['n_trials']} ({s['n_complete']} / {s['n_pruned']} / {s['n_failed']}) | "
-                     f"{s['images_spent']:,} | {s['images_spent'] / grid_images:.1%} | {final['images']:,} | "
-                     f"{s['best_value']:.4f} | {final['val_accuracy']:.4f} / {final['test_accuracy']:.4f} | "
-                     f"{_params(s['best_params'])} | {s['wall_s']:.0f} |")
-    return "\n".join(lines)
+def study_table(rows: dict[str, dict], grid_images: int) -> str:
+    cells = [(name, f"{s['n_trials']} ({s['n_complete']} / {s['n_pruned']} / {s['n_failed']})", f"{s['images_spent']:,}",
+              f"{s['images_spent'] / grid_images:.1%}", f"{s['final']['images']:,}", f"{s['best_value']:.4f}",
+              f"{s['final']['val_accuracy']:.4f} / {s['final']['test_accuracy']:.4f}", _params(s["best_params"]),
+              f"{s['wall_s']:.0f}") for name, s in rows.items()]
+    return table(cells, ("study", "trials (complete / pruned / failed)", "training images, search", "of the grid's",
+                         "+ final retrain", "best val acc", "retrained best: val / test acc", "best params", "wall s"))
 
 
 def targets(grid: dict, search: dict) -> list[str]:
@@ -87,7 +84,7 @@ def main(argv: list[str]) -> int:
     rows = {"grid 3x3 (report)": grid, "TPE + successive halving": search}
     (out / "bench_tuning.json").write_text(json.dumps(rows, indent=2, default=str))
 
-    print(table(rows, grid["images_spent"]))
+    print(study_table(rows, grid["images_spent"]))
     print("\n" + "\n".join(targets(grid, search)))
     paired = compare.compare(grid["final"]["run_id"], search["final"]["run_id"])
     print(f"test, grid (A) vs search (B): {paired['summary']}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from cnnlab.core.config import make_config, quick_overrides
 from cnnlab.core.data import Split
 from cnnlab.core.devices import autocast
+from cnnlab.core.logs import table
 from cnnlab.tracking.experiments import run
 from cnnlab.tracking.reproduce import load_claims
 from cnnlab.core.training import TrainConfig, fit
@@ -87,12 +88,6 @@ def compare(name: str, make_model, split: Split, make_loader, batch_size: int = 
     return (name, batch_size, *(f"{speeds[k]:.0f}" for k in (("plain", "fp32"), ("plain", "bf16"), ("ours", "fp32"),
                                                               ("ours", "bf16"))),
             f"{best / speeds['plain', 'fp32']:.2f}x")
-
-
-def table(rows: list[tuple], header: tuple) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def throughput_and_accuracy(doc: str, throughput: Callable[[bool], list[tuple]], plain: str, rows: list[tuple],

@@ -35,6 +35,7 @@ from typing import Annotated
 from pydantic import Field, StringConstraints, field_validator, model_validator
 
 from cnnlab.core.config import parse_params
+from cnnlab.core.logs import table
 from cnnlab.core.schema import Strict, read_yaml, validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -357,9 +358,8 @@ def pack_logs(jobs: list[Job], out: Path) -> None:
                     tar.add(job.folder / name, arcname=f"{job.name}/{name}")
 
 
-def table(jobs: list[Job]) -> str:
-    rows = ["| job | status | wall s | runs | val acc | test acc | test TTA | train img/s | run id |",
-            "|---|---|---|---|---|---|---|---|---|"]
+def job_table(jobs: list[Job]) -> str:
+    rows = []
     for job in jobs:
         states = ", ".join(f"{sum(r.info.status == s for r in job.runs)} {s.lower()}" for s in
                            ("FINISHED", "FAILED", "KILLED") if any(r.info.status == s for r in job.runs))
@@ -367,10 +367,10 @@ def table(jobs: list[Job]) -> str:
                     next((r for r in reversed(job.runs) if "val_accuracy" in r.data.metrics), None))
         m = main.data.metrics if main else {}
         wall = f"{job.ended - job.started:.0f}" if job.ended else "-"
-        rows.append(f"| {job.name} | {job.status} | {wall} | {states or 0} | {_cell(m, 'val_accuracy')} | "
-                    f"{_cell(m, 'test_accuracy')} | {_cell(m, 'test_tta_accuracy')} | "
-                    f"{_cell(m, 'train_images_per_s', '{:.0f}')} | {main.info.run_id[:8] if main else '-'} |")
-    return "\n".join(rows)
+        rows.append((job.name, job.status, wall, states or 0, _cell(m, "val_accuracy"), _cell(m, "test_accuracy"),
+                     _cell(m, "test_tta_accuracy"), _cell(m, "train_images_per_s", "{:.0f}"),
+                     main.info.run_id[:8] if main else "-"))
+    return table(rows, ("job", "status", "wall s", "runs", "val acc", "test acc", "test TTA", "train img/s", "run id"))
 
 
 def _cell(metrics: dict, key: str, fmt: str = "{:.4f}") -> str:
@@ -422,7 +422,7 @@ def main() -> None:
     if len(parts) + 2 > 8:
         notes.append(f"{len(parts) + 2} files in OUT: a device call returns 8 at most (raise --part-mb, lower --return-mb)")
     size = sum(p.stat().st_size for p in parts) / 2**20
-    summary = (f"{table(jobs)}\n\n{len(parts)} part(s), {size:.1f} MiB, weights {args.weights_dtype}; "
+    summary = (f"{job_table(jobs)}\n\n{len(parts)} part(s), {size:.1f} MiB, weights {args.weights_dtype}; "
                f"{time.time() - began:.0f} s in all. Here: cnnlab runs import DIR_WITH_PARTS\n" + "\n".join(notes))
     (args.out / "results.md").write_text(summary + "\n")
     print(summary, flush=True)

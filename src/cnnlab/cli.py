@@ -90,8 +90,9 @@ def cmd_experiments(args) -> int:
 
 
 def _table(rows: list[tuple]) -> str:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    from cnnlab.core.logs import table
+
+    return table(rows[1:], rows[0], markdown=False)
 
 
 def cmd_ensemble(args) -> int:

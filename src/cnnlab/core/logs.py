@@ -101,6 +101,17 @@ def progress(items, total: int | None, what: str, after: float = 0.0, every: flo
             log.info("%s: %s in %.0f s", what, done, time.monotonic() - t0)
 
 
+def table(rows: list[tuple], header: tuple, markdown: bool = True) -> str:
+    """Rows in aligned columns under a header: a Markdown table, or plain text for a terminal."""
+    cells = [[str(c) for c in r] for r in [header, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [[c.ljust(w) for c, w in zip(r, widths)] for r in cells]
+    if not markdown:
+        return "\n".join("  ".join(r).rstrip() for r in lines)
+    row = lambda r: "| " + " | ".join(r) + " |"  # noqa: E731
+    return "\n".join([row(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(row, lines[1:])])
+
+
 def duration(seconds: float) -> str:
     """1:02:03 or 2:03."""
     minutes, s = divmod(int(round(seconds)), 60)
