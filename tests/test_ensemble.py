@@ -36,6 +36,7 @@ def served_probs(model: CnnlabModel, images: np.ndarray) -> np.ndarray:
 
 def test_runs_as_one_tracked_registered_model_that_averages_their_probabilities(fer_subset, monkeypatch, tmp_path):
     monkeypatch.setenv("CNNLAB_SERVING_PRECISION", "fp32")
+    monkeypatch.setenv("CNNLAB_SERVING_RUNTIME", "torch")  # members carry ONNX int8 files: compare torch with torch
     members = [experiments.run(tiny_fer(fer_subset, seed=seed, split_seed=0))["run_id"] for seed in (0, 1)]
     result = experiments.ensemble(members, overrides={"tta": "tencrop"})
     assert result["name"] == "fer_best_ensemble" and result["members"] == members
