@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from cnnlab.serving.batching import Batcher, Batching
 from cnnlab.serving.model import CnnlabModel
+from support import served_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "serving" / "samples"
 CLASSES = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
@@ -29,7 +30,7 @@ def model(monkeypatch, max_batch: int) -> CnnlabModel:
     monkeypatch.setenv("CNNLAB_SERVING_MAX_WAIT_MS", "200")  # long: the batches gather even on a loaded machine
     torch.manual_seed(0)
     clf = Classifier(Preprocess(0.5, 0.25, 48), create("fer_cnn", num_classes=7)).eval()
-    return CnnlabModel.from_classifier(clf, CLASSES)
+    return served_model(clf, CLASSES)
 
 
 def batches() -> tuple[float, float]:

@@ -17,6 +17,7 @@ from cnnlab.core import export, models, pipeline
 from cnnlab.core.config import make_config
 from cnnlab.core.preprocess import Classifier, Preprocess
 from cnnlab.serving.model import CnnlabModel
+from support import run_pipeline
 
 
 @pytest.mark.parametrize("name, kwargs", [("face_mobile", {"width": 8, "se": True}), ("fer_cnn", {})])
@@ -126,7 +127,7 @@ def test_unknown_runtime_is_refused(logged, monkeypatch):
 
 def test_fer_mobile_preset_trains_and_exports(fer_subset, tmp_path):
     cfg = make_config("fer_mobile", data_dir=str(fer_subset), epochs=1, tta="flip")
-    trained = pipeline.run(cfg, tmp_path)
+    trained = run_pipeline(cfg, tmp_path)
     assert trained.spec == {"name": "face_mobile", "num_classes": 7, "in_chans": 1, "dropout": 0.2, "width": 32,
                             "expand": 1, "se": False}
     assert len(trained.history) == 1 and 0 <= trained.metrics["test_tta_accuracy"] <= 1
