@@ -141,6 +141,7 @@ def test_metrics_across_workers(tmp_path, sleeper):
 def registered(tmp_path: Path, label: str, alias: str) -> str:
     """A sleeper answering `label`, as a new version of the registered model `sleeper` with `alias`."""
     (tmp_path / "sleeper.py").write_text(SLEEPER)
+    mlflow.set_experiment("sleeper")  # not the active experiment an earlier test left: its store is gone
     with mlflow.start_run():
         info = mlflow.pyfunc.log_model(name="m", python_model=str(tmp_path / "sleeper.py"), model_config={"label": label})
     version = str(mlflow.register_model(info.model_uri, "sleeper").version)
