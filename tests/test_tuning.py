@@ -234,6 +234,32 @@ def test_a_killed_workers_trial_is_retried_from_its_checkpoint(fmnist_dir, tmp_p
     assert len(runs["parent"]) == 1 and runs["parent"][0].info.status == "FINISHED"
 
 
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    """Optuna's own check skips a RUNNING trial with no heartbeat; a worker killed between taking a trial and its
+    first beat left one RUNNING for ever, and the study never finished."""
+    spec = tuning.load_spec(write_space(tmp_path, "silent", n_trials=2, heartbeat_interval=1,
+                                        space={"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}))
+    tuning.open_study(spec, tuning.make_storage(spec))
+    takes_a_trial = ("import os, signal, sys, optuna; study = optuna.load_study(study_name='silent', "
+                     "storage='sqlite:///optuna.db'); trial = study.ask(); trial.suggest_float('lr', 1e-4, 1e-2, "
+                     "log=True); print(trial.number, flush=True); sys.stdin.readline()")
+    worker = subprocess.Popen([sys.executable, "-c", takes_a_trial], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    number = int(worker.stdout.readline())
+    worker.send_signal(signal.SIGKILL)  # it took the trial and dies before any heartbeat
+    worker.wait()
+    study = optuna.load_study(study_name="silent", storage=tuning.make_storage(spec))
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[number].state == TrialState.RUNNING  # not yet past the grace period (2 beats)
+
+    time.sleep(2.5)
+    optuna.storages.fail_stale_trials(study)
+    after = study.get_trials()
+    assert after[number].state == TrialState.FAIL
+    (retry,) = [t for t in after if t.system_attrs.get("failed_trial") == number]
+    assert retry.state == TrialState.WAITING and retry.params == after[number].params
+
+
 @pytest.fixture(scope="module")
 def postgres():
     """A throwaway PostgreSQL cluster (in a folder its OS user can reach) with databases for Optuna and MLflow."""

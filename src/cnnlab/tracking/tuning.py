@@ -17,6 +17,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -274,15 +275,33 @@ def refuse_password(url: str) -> None:
                      f"up`){logged}")
 
 
-def make_storage(spec: dict) -> optuna.storages.RDBStorage:
+class HeartbeatStorage(optuna.storages.RDBStorage):
+    """RDBStorage that also counts as stale a RUNNING trial that never beat: its worker died between taking the
+    trial and its first heartbeat, a window Optuna's check skips (the trial would stay RUNNING for ever)."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+
+        stale = super()._get_stale_trial_ids(study_id)
+        since = datetime.now() - timedelta(seconds=self.grace_period or 2 * self.heartbeat_interval)
+        session = self.scoped_session()
+        try:
+            beating = {trial_id for (trial_id,) in session.query(models.TrialHeartbeatModel.trial_id)}
+        finally:
+            self.scoped_session.remove()
+        silent = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                  if t._trial_id not in beating and t.datetime_start and t.datetime_start < since]
+        return stale + silent
+
+
+def make_storage(spec: dict) -> HeartbeatStorage:
     """The RDB storage with a heartbeat: a trial whose worker died is failed after two missed beats, then retried."""
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
         # pre-ping: a pooled connection that a PostgreSQL restart closed is replaced, not handed to a worker
-        return optuna.storages.RDBStorage(spec["storage"], heartbeat_interval=spec["heartbeat_interval"],
-                                          heartbeat_stale_trial_callback=_stale_trial,
-                                          engine_kwargs={"pool_pre_ping": True})
+        return HeartbeatStorage(spec["storage"], heartbeat_interval=spec["heartbeat_interval"],
+                                heartbeat_stale_trial_callback=_stale_trial, engine_kwargs={"pool_pre_ping": True})
     except SQLAlchemyError as e:
         hint = "; set PGPASSFILE to the password file `cnnlab stack up` wrote (.cnnlab/stack/pgpass)" \
             if "no password supplied" in str(e) or "password authentication failed" in str(e) else ""
