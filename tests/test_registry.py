@@ -159,3 +159,7 @@ def test_force_makes_a_champion_and_says_so(capsys):
     assert out["alias"] == "champion" and out["reason"].startswith("forced (--force) over champion v1; challenger "
                                                                   "is not significantly better")
     assert aliases("fmnist_cnn") == {"champion": forced}
+    challenger = logged_run(0.7, correct=correct)
+    assert cli.main(["register", "fmnist_cnn", "--force", "false"]) == 0  # as MLproject's default passes it
+    assert json.loads(capsys.readouterr().out)["alias"] == "challenger"
+    assert aliases("fmnist_cnn") == {"champion": forced, "challenger": challenger}

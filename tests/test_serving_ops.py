@@ -112,7 +112,8 @@ def scrape(url: str) -> dict[tuple, float]:
 
 @services
 def test_metrics_across_workers(tmp_path, sleeper):
-    """Two workers' counts summed in one scrape: answers by status, latency, in-flight and queue, the model gauge."""
+    """Two workers' counts summed in one scrape: answers by status, latency, in-flight and queue, the model gauge,
+    ready workers (not the warm spare)."""
     server = serve(tmp_path, sleeper, workers=2, CNNLAB_SERVING_MAX_ACTIVE="1").start(timeout=120)
     try:
         before = scrape(server.url)
@@ -134,6 +135,8 @@ def test_metrics_across_workers(tmp_path, sleeper):
         assert after[("cnnlab_in_flight_requests", ())] == 0 and after[("cnnlab_waiting_requests", ())] == 0
         model = {k: v for k, v in after.items() if k[0] == "cnnlab_model"}
         assert list(model.values()) == [1.0] and dict(next(iter(model))[1])["name"] == str(sleeper)
+        wait_for(lambda: "has loaded the model and waits" in server.log.read_text(), "the warm spare loaded", 60)
+        assert scrape(server.url)[("cnnlab_ready_workers", ())] == 2  # the waiting spare does not count
     finally:
         server.stop()
 

@@ -210,8 +210,8 @@ COMMAND_ENTRY_POINTS = {
     "reproduce": ({"quick": False, "only": "", "out": "reports", "device": None, "precision": None},
                   "python -m cnnlab reproduce --quick {quick} --only {only} --out {out} -P device={device} "
                   "-P precision={precision}"),
-    "register": ({"experiment": "", "study": "", "name": ""},
-                 "python -m cnnlab register {experiment} --study {study} --name {name}"),
+    "register": ({"experiment": "", "study": "", "name": "", "force": False},
+                 "python -m cnnlab register {experiment} --study {study} --name {name} --force {force}"),
     "ddp": ({"experiment": "fmnist_cnn", "nproc": "2", "params": ""},  # torchrun: a count, or gpu (one per GPU)
             "torchrun --standalone --nproc_per_node {nproc} -m cnnlab train {experiment} --params {params}"),
     "tune": ({"space": "tuning/fmnist_cnn.yaml", "storage": "", "study_name": "", "n_trials": 0, "workers": 1,
@@ -438,7 +438,8 @@ def _register_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentPar
     p.add_argument("experiment", nargs="?", default="", help="the experiment to pick from (e.g. fer_cnn)")
     p.add_argument("--study", default="", help="only the study's final run (tags study=STUDY, final=true)")
     p.add_argument("--name", default="", help="registered model name (default: the run's experiment)")
-    p.add_argument("--force", action="store_true", help="make it the champion even when not significantly better")
+    p.add_argument("--force", nargs="?", type=_argument("bool"), const=True, default=False, metavar="BOOL",
+                   help="make it the champion even when not significantly better")
 
 
 def _tune_arguments(p: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:

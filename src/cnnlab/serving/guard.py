@@ -37,6 +37,7 @@ from cnnlab.core.devices import threads_per_worker
 from cnnlab.serving import metrics
 from cnnlab.serving.model import settings_from_env
 from cnnlab.serving.verify import verify_model
+from cnnlab.serving.workers import Supervisor, wait_until_in_service
 
 MODEL_ENV = "CNNLAB_SERVE_MODEL"  # the downloaded model each worker loads
 FOLLOW_ENV = "CNNLAB_SERVE_FOLLOW"  # seconds between resolutions of the alias; 0: never
@@ -200,6 +201,7 @@ class Guard:
             self.problem = f"the model failed to load: {type(e).__name__}: {e}"
             return
         self.swap(app, labels)
+        wait_until_in_service()
         metrics.READY.set(1)
         while follow:
             time.sleep(follow)
@@ -545,7 +547,6 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000, workers: in
     import uvicorn
 
     from cnnlab.serving.model import Budget
-    from cnnlab.serving.workers import Supervisor
 
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")

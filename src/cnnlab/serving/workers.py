@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
 
 from prometheus_client import multiprocess
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 log = logging.getLogger("uvicorn.error")
+IN_SERVICE = threading.Event()  # cleared in a warm spare until it takes a dead worker's place
+IN_SERVICE.set()
+
+
+def wait_until_in_service() -> None:
+    """In a warm spare, block until it replaces a worker: /ready counts its loaded model only from then on."""
+    if not IN_SERVICE.is_set():
+        log.info(f"Spare [{os.getpid()}] has loaded the model and waits to replace a worker")
+        IN_SERVICE.wait()
 
 
 class Spare(Process):
@@ -25,8 +36,10 @@ class Spare(Process):
         super().__init__(config, sockets)
 
     def target(self, sockets=None) -> None:  # in the spare's own process
+        IN_SERVICE.clear()
         self.config.load()
         self.go.wait()
+        IN_SERVICE.set()
         super().target(sockets)
 
 
