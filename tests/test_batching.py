@@ -116,3 +116,25 @@ def test_errors_reach_every_caller_of_the_batch():
     with pytest.raises(RuntimeError, match="broken net"):
         batcher(np.zeros((2, 2)), "k")
     assert batcher.thread.is_alive()
+
+
+def test_an_idle_batcher_lets_its_model_go_and_restarts_on_the_next_call(monkeypatch):
+    """A model swapped out (`cnnlab serve --follow`) is freed once its batcher's thread has been idle for idle_s."""
+    import gc
+    import weakref
+
+    served = model(monkeypatch, max_batch=8)
+    served._batcher.idle_s = 0.2
+    pixels = np.random.default_rng(1).integers(0, 256, (3, 48, 48), dtype=np.uint8)
+    first = served.predict(None, pixels)
+    thread = served._batcher.thread
+    assert thread.is_alive()
+    thread.join(timeout=10)  # idle: it ends by itself
+    assert not thread.is_alive() and served._batcher.thread is None
+    again = served.predict(None, pixels)  # the next call starts a new one
+    assert again == first
+    ref = weakref.ref(served)
+    served._batcher.thread.join(timeout=10)
+    del served
+    gc.collect()
+    assert ref() is None

@@ -38,6 +38,9 @@ class Item:
 class Batcher:
     """Runs `forward(pixels, key)` on the stacks of concurrent callers with equal keys, concatenated."""
 
+    idle_s = 10.0  # the thread ends after this long without work (and restarts on the next call), so a model swapped
+    # out by `cnnlab serve --follow` is not kept alive by its batcher
+
     def __init__(self, forward, settings: Batching):
         self.forward, self.max_batch, self.max_wait = forward, settings.max_batch, settings.max_wait_ms / 1000
         self.cond = threading.Condition()
@@ -86,11 +89,14 @@ class Batcher:
             size += len(item.pixels)
         return picked, size >= self.max_batch
 
-    def take(self) -> list[Item]:
-        """The next batch, once full, or no caller is left on its way, or max_wait has passed."""
+    def take(self) -> list[Item] | None:
+        """The next batch, once full, or no caller is left on its way, or max_wait has passed; None after idle_s
+        without any (the thread then ends)."""
         with self.cond:
             while not self.queue:
-                self.cond.wait()
+                if not self.cond.wait(self.idle_s) and not self.queue:
+                    self.thread = None
+                    return None
             deadline = time.monotonic() + self.max_wait
             while True:
                 picked, full = self.pick()
@@ -105,8 +111,7 @@ class Batcher:
             return picked
 
     def loop(self) -> None:
-        while True:
-            batch = self.take()
+        while (batch := self.take()) is not None:
             try:
                 out = self.forward(np.concatenate([item.pixels for item in batch]), batch[0].key[0])
                 metrics.BATCH.observe(len(out))
