@@ -260,14 +260,15 @@ def metrics_cost_us() -> float:
 
 
 def crowd_table(fer: str, trivial: str, tracking_uri: str, root: Path, data: dict[str, bytes], args) -> None:
-    """Issue 22's table: batching off and on at 8/32/64 clients, fp32 beside the default precision, the trivial
-    pyfunc, shadowing 5% to a second copy of the model, the metrics' cost per request."""
+    """Issue 22's table: batching off and on at 8/32/64 clients with the model's default runtime, torch fp32 beside
+    it (off and on), the trivial pyfunc, shadowing 5% to a second copy of the model, the metrics' cost per request."""
     rows = crowd_rows("trivial", trivial, tracking_uri, root, data, args, {}, counts=(8, 64))
     batched = {"CNNLAB_SERVING_MAX_BATCH": "64"}
     rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {"CNNLAB_SERVING_MAX_BATCH": "1"})
     rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, batched)
-    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {**batched, "CNNLAB_SERVING_PRECISION": "fp32"},
-                       counts=(8, 64))
+    torch_fp32 = {"CNNLAB_SERVING_RUNTIME": "torch", "CNNLAB_SERVING_PRECISION": "fp32"}
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, torch_fp32, counts=(8, 64))
+    rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {**torch_fp32, **batched}, counts=(8, 64))
     rows += crowd_rows("fer_cnn", fer, tracking_uri, root, data, args, {}, ("--shadow", fer), counts=(64,))
     print_table(rows)
     print(f"\nmetrics: {metrics_cost_us():.1f} us of metric updates per request, in process")

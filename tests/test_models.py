@@ -127,3 +127,15 @@ def test_weights_from_a_platform_checkpoint(tmp_path):
     assert torch.equal(net.layer1[0].conv1.weight, trained.net.layer1[0].conv1.weight)
     with pytest.raises(ValueError, match="no-such-file"):
         models.create("resnet18", weights="no-such-file")
+
+
+def test_depthwise_nets_train_in_channels_last_even_in_fp32_on_a_cpu():
+    """oneDNN's depthwise kernels are faster in channels_last (face_mobile 382 against 310 images/s in fp32);
+    dense fp32 convs on a CPU stay in the default layout, and CUDA and bf16 always switch."""
+    from cnnlab.core.devices import prefers_channels_last
+
+    cpu = torch.device("cpu")
+    assert prefers_channels_last(cpu, "fp32", models.create("face_mobile", width=8))
+    assert not prefers_channels_last(cpu, "fp32", models.create("fer_cnn"))
+    assert prefers_channels_last(cpu, "bf16", models.create("fer_cnn"))
+    assert prefers_channels_last(torch.device("cuda"), "fp32")

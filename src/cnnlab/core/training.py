@@ -44,7 +44,7 @@ class TrainConfig:
     distill_temperature: float = 4.0
     precision: str = "auto"
     sync_bn: bool = False  # under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)
-    channels_last: bool = True  # on CUDA, and on CPUs in bf16 (oneDNN's fast layout); never for fp32 on CPU
+    channels_last: bool = True  # where it pays (devices.prefers_channels_last): CUDA, bf16 CPUs, depthwise nets
     device: str = "auto"
     seed: int = 0
     eval_batch_size: int = 1024
@@ -352,7 +352,7 @@ def _start(model: torch.nn.Module, train: Split, val: Split | None, cfg: TrainCo
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    channels_last = cfg.channels_last and prefers_channels_last(device, precision)
+    channels_last = cfg.channels_last and prefers_channels_last(device, precision, model)
     _place(model, device, channels_last)
     steps_per_epoch = max(1, len(train) // cfg.batch_size + (len(train) % cfg.batch_size > 1))
     optimizer = make_optimizer(param_groups(model, cfg), cfg)
