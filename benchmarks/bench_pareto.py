@@ -272,6 +272,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.repeats, args.rounds, n = (50, 2, 300) if args.quick else (500, 10, 0)
+    store = mlflow.get_tracking_uri()  # the HTTP rows serve from stores of their own (and point MLflow there)
     cfg = make_config("fer_best", data_dir=os.environ.get("FER2013_DIR", ""))
     splits = pipeline.load_data(cfg)
     if args.candidates:
@@ -298,7 +299,7 @@ def main() -> None:
     (args.out / "pareto.md").write_text(text + "\n")
     plot(rows, args.out / "pareto.png")
     print(text)
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    mlflow.set_tracking_uri(store)
     mlflow.set_experiment("bench_pareto")
     with mlflow.start_run(run_name="bench_pareto quick" if args.quick else "bench_pareto"):
         mlflow.log_params({"faces": len(args.faces), "machine": machine(), "quick": args.quick,

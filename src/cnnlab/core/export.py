@@ -59,11 +59,14 @@ def quantize(fp32: Path, int8: Path, calibration: np.ndarray) -> Path:
     return int8
 
 
-def session(path: Path | str, threads: int | None = None):
-    """An ONNX Runtime CPU session with all graph optimizations; `threads` intra-op threads (None: all cores)."""
+def session(path: Path | str, threads: int | None = None, spin: bool = True):
+    """An ONNX Runtime CPU session with all graph optimizations; `threads` intra-op threads (None: all cores).
+    spin=False: idle threads sleep instead of spinning, for a server whose request handling shares the cores."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads, options.inter_op_num_threads = threads or 0, 1
     options.log_severity_level = 3  # errors only: its warnings about unused initializers are noise here

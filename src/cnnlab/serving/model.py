@@ -489,7 +489,7 @@ class CnnlabModel(mlflow.pyfunc.PythonModel):
         try:
             from cnnlab.core.export import session
 
-            sess = session(artifacts[choice], serving_threads())
+            sess = session(artifacts[choice], serving_threads(), spin=False)  # cores shared with the HTTP work
             sess.run(None, {"x": np.zeros((1, pre.channels, pre.size, pre.size), np.float32)})
         except Exception as e:  # noqa: BLE001 - any failure: torch still serves the same weights
             log.warning("ONNX Runtime (%s) unavailable, serving with torch: %s: %s", choice, type(e).__name__,
