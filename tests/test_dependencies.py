@@ -147,10 +147,10 @@ def _dotted(node) -> str | None:
     return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
 
 
-def uses(package: str) -> dict[str, set[str]]:
+def uses(package: str, sources: list[Path] = SOURCES) -> dict[str, set[str]]:
     """Every dotted name from `package` that cnnlab's source uses -> the keyword arguments it passes to it."""
     found: dict[str, set[str]] = {}
-    for path in SOURCES:
+    for path in sources:
         tree = ast.parse(path.read_text())
         aliases = {}
         for node in ast.walk(tree):
@@ -170,9 +170,9 @@ def uses(package: str) -> dict[str, set[str]]:
     return found
 
 
-def missing_at_floor(package: str, root: Path) -> list[str]:
+def missing_at_floor(package: str, root: Path, sources: list[Path] = SOURCES) -> list[str]:
     floor_api, missing = Floor(root), []
-    for name, keywords in sorted(uses(package).items()):
+    for name, keywords in sorted(uses(package, sources).items()):
         node = floor_api.resolve(name)
         if node is None:
             missing.append(name)
@@ -196,6 +196,9 @@ def test_what_cnnlab_calls_exists_in_the_lowest_allowed_version(package, tmp_pat
 
 def test_the_check_finds_a_name_missing_at_the_floor(tmp_path):
     """The checker itself: cnnlab needs Optuna 4.9's heartbeat-retry names, so a floor of 4.8 would fail."""
-    missing = missing_at_floor("optuna", wheel_source("optuna", "4.8.0", tmp_path))
-    assert "optuna.storages.RetryHeartbeatStaleTrialCallback" in missing
-    assert "optuna.storages.RDBStorage(heartbeat_stale_trial_callback=...)" in missing
+    floor_api = wheel_source("optuna", "4.8.0", tmp_path)
+    assert "optuna.storages.RetryHeartbeatStaleTrialCallback" in missing_at_floor("optuna", floor_api)
+    planted = tmp_path / "planted.py"  # a keyword argument that 4.8's RDBStorage does not take
+    planted.write_text("import optuna\noptuna.storages.RDBStorage('sqlite://', heartbeat_stale_trial_callback=print)\n")
+    assert missing_at_floor("optuna", floor_api, [planted]) == [
+        "optuna.storages.RDBStorage(heartbeat_stale_trial_callback=...)"]
