@@ -309,12 +309,25 @@ def make_storage(spec: dict) -> HeartbeatStorage:
                            f"{str(getattr(e, 'orig', e)).strip()}{hint}") from e
 
 
+def _open_trial_runs(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> set[str]:
+    """The trial's MLflow runs still RUNNING: the one it recorded, and one its worker started but died before
+    recording (a retry's recorded one may still be the dead trial's)."""
+    client, ids = MlflowClient(), set()
+    if trial.user_attrs.get("mlflow_run_id"):
+        ids.add(trial.user_attrs["mlflow_run_id"])
+    parent = study.user_attrs.get("mlflow_run_id")
+    if parent:
+        found = client.search_runs([client.get_run(parent).info.experiment_id],
+                                   f"tags.study = '{study.study_name}' and tags.trial_number = '{trial.number}'")
+        ids |= {r.info.run_id for r in found}
+    return {i for i in ids if client.get_run(i).info.status == "RUNNING"}
+
+
 def _stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose worker died: its MLflow run ends FAILED, and its parameters are queued once more with the
     epochs it reported; the retry resumes from its checkpoint (trial_checkpoints)."""
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id:
-        client = MlflowClient()
+    client = MlflowClient()
+    for run_id in _open_trial_runs(study, trial):
         client.set_tag(run_id, "error", "worker died: no Optuna heartbeat; the trial is FAILED and retried")
         client.set_terminated(run_id, "FAILED")
     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1, inherit_intermediate_values=True)(study, trial)
